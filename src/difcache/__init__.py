@@ -1,0 +1,1 @@
+"""difcache: training-free feature caching and block-sparse attention for diffusers."""
