@@ -1,1 +1,34 @@
-"""difcache: training-free feature caching and block-sparse attention for diffusers."""
+"""difcache: training-free feature caching and block-sparse attention for Hugging Face diffusers.
+
+handle = difcache.apply_cache(pipe, method="taylorseer")
+image = pipe(...).images[0]
+print(handle.stats())
+handle.remove()
+"""
+
+from difcache.adapters import block_adapter, register_adapter
+from difcache.api import CacheHandle, apply_cache, remove_cache
+from difcache.config import CacheConfig
+from difcache.engine.actions import Action
+from difcache.engine.stats import CacheStats
+from difcache.errors import DifcacheError
+from difcache.methods import AlwaysComputeConfig, FORAConfig, TaylorSeerConfig, list_methods, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "AlwaysComputeConfig",
+    "CacheConfig",
+    "CacheHandle",
+    "CacheStats",
+    "DifcacheError",
+    "FORAConfig",
+    "TaylorSeerConfig",
+    "apply_cache",
+    "block_adapter",
+    "list_methods",
+    "register_adapter",
+    "register_method",
+    "remove_cache",
+]

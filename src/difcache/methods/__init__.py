@@ -1,0 +1,17 @@
+"""Methods: one file each, a config with the paper's defaults and a registered ``build``."""
+
+from difcache.methods import always_compute, fora, taylorseer  # noqa: F401  (registration)
+from difcache.methods.always_compute import AlwaysComputeConfig
+from difcache.methods.fora import FORAConfig
+from difcache.methods.registry import list_methods, method_spec, register_method, resolve_config
+from difcache.methods.taylorseer import TaylorSeerConfig
+
+__all__ = [
+    "AlwaysComputeConfig",
+    "FORAConfig",
+    "TaylorSeerConfig",
+    "list_methods",
+    "method_spec",
+    "register_method",
+    "resolve_config",
+]

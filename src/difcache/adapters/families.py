@@ -1,0 +1,52 @@
+"""Adapters for the diffusers model families difcache supports.
+
+Unit names were read from diffusers 0.42 block classes; each is a sub-module whose output the block gates
+or adds afterwards, so caching it and recomputing the gate every step is what FORA and TaylorSeer do.
+"""
+
+from __future__ import annotations
+
+from difcache.adapters.registry import block_adapter, register_adapter
+
+_BASIC = {"attn1": "attn", "attn2": "cross_attn", "ff": "ffn"}  # BasicTransformerBlock (DiT, PixArt, UNet)
+
+register_adapter("DiTTransformer2DModel", block_adapter("dit", ["transformer_blocks"], _BASIC))
+register_adapter("PixArtTransformer2DModel", block_adapter("pixart", ["transformer_blocks"], _BASIC))
+register_adapter(
+    "SD3Transformer2DModel",
+    block_adapter("sd3", ["transformer_blocks"], {"attn": "attn", "attn2": "attn", "ff": "ffn", "ff_context": "ffn"}),
+)
+register_adapter(
+    "FluxTransformer2DModel",
+    block_adapter(
+        "flux",
+        ["transformer_blocks", "single_transformer_blocks"],
+        {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
+        whole_block_groups=["single_transformer_blocks"],
+    ),
+)
+register_adapter(
+    "WanTransformer3DModel",
+    block_adapter("wan", ["blocks"], {"attn1": "attn", "attn2": "cross_attn", "ffn": "ffn"}),
+)
+register_adapter(
+    "HunyuanVideoTransformer3DModel",
+    block_adapter(
+        "hunyuanvideo",
+        ["transformer_blocks", "single_transformer_blocks"],
+        {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
+        whole_block_groups=["single_transformer_blocks"],
+    ),
+)
+register_adapter(
+    "CogVideoXTransformer3DModel",
+    block_adapter("cogvideox", ["transformer_blocks"], {"attn1": "attn", "ff": "ffn"}),
+)
+register_adapter(
+    "LTXVideoTransformer3DModel",
+    block_adapter("ltx", ["transformer_blocks"], {"attn1": "attn", "attn2": "cross_attn", "ff": "ffn"}),
+)
+register_adapter(
+    "UNet2DConditionModel",
+    block_adapter("unet", [], _BASIC, block_classes=["BasicTransformerBlock"]),
+)

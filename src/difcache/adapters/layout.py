@@ -1,0 +1,55 @@
+"""A model's layout: the ordered blocks of its denoiser and the cacheable units inside them.
+
+A *unit* is what a step-level cache decides about: an attention or feed-forward sub-module whose output is
+taken *before* the block applies its gate (FORA, TaylorSeer, BAC), or a whole block where the paper caches
+the block output (FLUX single-stream blocks). Blocks are kept too, for methods whose scope is a range of
+blocks or the whole stack (Δ-DiT, TeaCache, ERTACache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+UNIT_KINDS = ("attn", "cross_attn", "ffn", "block")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block: its qualified name in the denoiser, the module, and its list and position."""
+
+    name: str
+    module: torch.nn.Module = field(repr=False, compare=False)
+    group: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One cacheable sub-module (or whole block), in execution order."""
+
+    name: str
+    module: torch.nn.Module = field(repr=False, compare=False)
+    kind: str
+    block: int  # index into Layout.blocks
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the blocks and units of one denoiser are; built by an adapter (see ``adapters.registry``)."""
+
+    family: str
+    model: torch.nn.Module = field(repr=False, compare=False)
+    blocks: tuple[Block, ...]
+    units: tuple[Unit, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the model class and unit names: a calibration profile is only valid for this layout."""
+        text = type(self.model).__name__ + "|" + "|".join(f"{u.name}:{u.kind}" for u in self.units)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def units_of_block(self, block: int) -> tuple[Unit, ...]:
+        return tuple(u for u in self.units if u.block == block)

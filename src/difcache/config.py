@@ -1,0 +1,70 @@
+"""Base class and validators for method configs.
+
+Every config is a frozen dataclass with the paper's defaults, validated in ``__post_init__`` so that a bad
+value fails at construction with the field's name, its allowed range and the value received. Configs carry a
+``VERSION`` (bump it when a field changes meaning) and round-trip through plain dicts for profiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Base of every caching method's config; subclasses are registered with ``methods.register_method``."""
+
+    VERSION: ClassVar[int] = 1
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def for_family(cls, family: str) -> CacheConfig:
+        """The defaults for a model family (``"flux"``, ``"wan"``, ...); the paper's defaults unless overridden."""
+        return cls()
+
+    def replace(self, **overrides: Any) -> CacheConfig:
+        """A copy with ``overrides`` applied (and validated); unknown names raise naming the valid fields."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {unknown}; valid fields are {sorted(names)}.")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "version": self.VERSION, **dataclasses.asdict(self)}
+
+
+def check_int(owner: object, name: str, lo: int, hi: int | None = None, *, allow_none: bool = False) -> None:
+    """Raise unless ``owner.name`` is an int in ``[lo, hi]`` (``bool`` is refused: ``True`` is not 1 here)."""
+    value = getattr(owner, name)
+    if value is None and allow_none:
+        return
+    span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{type(owner).__name__}.{name} must be an int {span}, got {value!r}.")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{type(owner).__name__}.{name} must be {span}, got {value}.")
+
+
+def check_float(
+    owner: object, name: str, lo: float, hi: float | None = None, *, lo_open: bool = False, allow_none: bool = False
+) -> None:
+    """Raise unless ``owner.name`` is a finite number in the range (``lo`` excluded when ``lo_open``)."""
+    value = getattr(owner, name)
+    if value is None and allow_none:
+        return
+    lower = f"> {lo}" if lo_open else f">= {lo}"
+    span = lower if hi is None else f"{lower} and <= {hi}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{type(owner).__name__}.{name} must be a number {span}, got {value!r}.")
+    bad = not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi)
+    if bad:
+        raise ValueError(f"{type(owner).__name__}.{name} must be {span}, got {value}.")
+
+
+def check_choice(owner: object, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(owner, name)
+    if value not in choices:
+        raise ValueError(f"{type(owner).__name__}.{name} must be one of {list(choices)}, got {value!r}.")

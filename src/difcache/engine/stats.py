@@ -1,0 +1,93 @@
+"""What a cached run did: decisions per unit, ideal (FLOPs) speedup, feature-store memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from difcache.engine.actions import Action
+
+
+@dataclass
+class UnitStats:
+    name: str
+    kind: str
+    compute: int = 0
+    reuse: int = 0
+    forecast: int = 0
+    nonfinite_fallbacks: int = 0
+    flops_share: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        return self.reuse + self.forecast
+
+
+@dataclass
+class CacheStats:
+    """Counts since the cache was applied (or since ``handle.reset_stats()``).
+
+    ``ideal_speedup`` is FLOPs of the same denoiser calls uncached / FLOPs the cached calls executed, counting
+    everything in the denoiser that is never cached (embeddings, norms, projections): measured/ideal shows the
+    engine's overhead and everything outside the denoiser.
+    """
+
+    method: str
+    calls: int = 0
+    runs: int = 0
+    full_flops: float = 0.0
+    skipped_flops: float = 0.0
+    store_bytes: int = 0
+    peak_store_bytes: int = 0
+    units: list[UnitStats] = field(default_factory=list)
+
+    @property
+    def ideal_speedup(self) -> float:
+        executed = self.full_flops - self.skipped_flops
+        return self.full_flops / executed if executed > 0 else 1.0
+
+    def count(self, unit: int, action: Action) -> None:
+        stats = self.units[unit]
+        if action == Action.COMPUTE:
+            stats.compute += 1
+        elif action == Action.REUSE:
+            stats.reuse += 1
+        else:
+            stats.forecast += 1
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "compute": sum(u.compute for u in self.units),
+            "reuse": sum(u.reuse for u in self.units),
+            "forecast": sum(u.forecast for u in self.units),
+            "nonfinite_fallbacks": sum(u.nonfinite_fallbacks for u in self.units),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "calls": self.calls,
+            "runs": self.runs,
+            "ideal_speedup": self.ideal_speedup,
+            "peak_store_bytes": self.peak_store_bytes,
+            **self.totals(),
+            "units": [vars(u) for u in self.units],
+        }
+
+    def __str__(self) -> str:
+        totals = self.totals()
+        lines = [
+            f"difcache {self.method}: {self.calls} denoiser calls in {self.runs} run(s), "
+            f"ideal speedup {self.ideal_speedup:.2f}x, feature store peak {self.peak_store_bytes / 2**20:.1f} MiB",
+            f"units: {totals['compute']} computed, {totals['reuse']} reused, {totals['forecast']} forecast"
+            + (
+                f", {totals['nonfinite_fallbacks']} non-finite forecasts recomputed"
+                if totals["nonfinite_fallbacks"]
+                else ""
+            ),
+            f"{'unit':<40} {'kind':<10} {'FLOPs%':>7} {'compute':>8} {'reuse':>6} {'forecast':>9}",
+        ]
+        for u in self.units:
+            lines.append(
+                f"{u.name:<40} {u.kind:<10} {100 * u.flops_share:>6.1f}% {u.compute:>8} {u.reuse:>6} {u.forecast:>9}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Taylor-series forecast from finite differences (TaylorSeer, Liu et al., ICCV 2025, arXiv 2503.06923).
+
+At each computed step ``a`` with distance ``d = a - a_prev`` (in step-index units), the official recursion is
+
+    factor_0 = F(a),    factor_{k+1} = (factor_k(new) - factor_k(old)) / d,   k < order,
+
+and a later step ``s`` is forecast as ``sum_k factor_k * (s - a)**k / k!``. Faithful details kept from the
+official code (``taylor_utils.derivative_approximation``):
+
+* every order is divided by the *latest* distance, even when the earlier spacing differed (after warm-up);
+* a higher factor is only formed when the previous state has the factor below it, so the order builds up
+  one computed step at a time, and differences start at step ``warmup - 1`` (``step > first_enhance - 2``).
+
+Deviation: factors are kept in fp32 (diffusers' hook defaults to bf16, where differences of nearly equal
+activations are mostly rounding noise). The forecast is cast back to the unit's output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from difcache.forecasters.base import Feature
+
+
+@dataclass
+class TaylorState:
+    step: int
+    factors: list[Feature]  # factors[k][leaf]
+    dtypes: list[torch.dtype | None]
+
+
+@dataclass(frozen=True)
+class TaylorForecaster:
+    order: int
+    warmup: int = 0
+    extrapolates: bool = True
+
+    def update(self, state: TaylorState | None, step: int, value: Feature) -> TaylorState:
+        new: list[Feature] = [[None if t is None else t.detach().float() for t in value]]
+        if state is not None and step > self.warmup - 2:
+            distance = step - state.step
+            for k in range(self.order):
+                if k >= len(state.factors) or distance <= 0:
+                    break
+                new.append(
+                    [None if n is None else (n - o) / distance for n, o in zip(new[k], state.factors[k], strict=True)]
+                )
+        dtypes = [None if t is None else t.dtype for t in value]
+        return TaylorState(step, new, dtypes)
+
+    def predict(self, state: TaylorState, step: int) -> Feature:
+        h = step - state.step
+        out: Feature = []
+        for leaf, dtype in enumerate(state.dtypes):
+            if dtype is None:
+                out.append(None)
+                continue
+            acc = state.factors[0][leaf]
+            for k in range(1, len(state.factors)):
+                acc = acc + state.factors[k][leaf] * (h**k / math.factorial(k))
+            out.append(acc.to(dtype))
+        return out
+
+    def tensors(self, state: TaylorState) -> list[torch.Tensor]:
+        return [t for factor in state.factors for t in factor if t is not None]

@@ -1,0 +1,67 @@
+"""The method registry: config class -> ``build(config, layout) -> Plan``.
+
+A new method is one new file that defines a config and decorates its build function with
+:func:`register_method`; nothing else in the library changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from difcache.adapters.layout import Layout
+from difcache.config import CacheConfig
+from difcache.engine.plan import Plan
+from difcache.errors import DifcacheError
+
+BuildFn = Callable[[Any, Layout], Plan]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type[CacheConfig]
+    build: BuildFn
+    description: str
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(config_cls: type[CacheConfig], description: str) -> Callable[[BuildFn], BuildFn]:
+    """Decorator registering ``build`` for ``config_cls`` under ``config_cls.method``."""
+
+    def decorate(build: BuildFn) -> BuildFn:
+        _METHODS[config_cls.method] = MethodSpec(config_cls.method, config_cls, build, description)
+        return build
+
+    return decorate
+
+
+def list_methods() -> dict[str, str]:
+    """Registered method names and one-line descriptions."""
+    return {name: spec.description for name, spec in sorted(_METHODS.items())}
+
+
+def method_spec(name_or_config: str | CacheConfig) -> MethodSpec:
+    name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
+    spec = _METHODS.get(name)
+    if spec is None:
+        raise DifcacheError(f"Unknown method {name!r}. Available methods: {', '.join(sorted(_METHODS))}.")
+    return spec
+
+
+def resolve_config(method_or_config: str | CacheConfig, family: str, overrides: dict[str, Any]) -> CacheConfig:
+    """A validated config: the family's preset for a method name, or the given config, with ``overrides``."""
+    if isinstance(method_or_config, CacheConfig):
+        config = method_or_config
+        method_spec(config)  # an unregistered config class is an error, not a silent no-op
+    elif isinstance(method_or_config, str):
+        config = method_spec(method_or_config).config_cls.for_family(family)
+    else:
+        raise DifcacheError(
+            f"apply_cache expects a method name or a config, got {type(method_or_config).__name__}; "
+            f"try method='taylorseer' or difcache.TaylorSeerConfig()."
+        )
+    return config.replace(**overrides) if overrides else config
