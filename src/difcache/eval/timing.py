@@ -1,0 +1,89 @@
+"""Timing as ``BENCHMARKS.md`` defines it: interleaved medians, per-unit times, oracle speedup, efficiency.
+
+Wall times on shared machines are noisy; ratios of runs interleaved in one process (A, B, A, B, ...) after a
+warm-up each are not. The *oracle* speedup is what a zero-overhead engine would reach with the same
+decisions on this machine: ``T / (T - time of the skipped units)``, with unit times from an instrumented
+uncached run. ``measured / oracle`` is the engine's efficiency.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from difcache.adapters.layout import Unit
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def interleaved_medians(
+    variants: dict[str, Callable[[], Any]],
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: dict[str, Callable[[], Any]] | None = None,
+    teardown: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, float]:
+    """Median wall time of each variant, run in turn A, B, C, A, B, C, ... after ``warmup`` runs each.
+
+    ``setup[name]``/``teardown[name]`` run around each timed call of that variant (outside the timing), e.g. to
+    apply and remove a cache so the variants share one pipeline.
+    """
+    setup, teardown = setup or {}, teardown or {}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(warmup + repeats):
+        for name, fn in variants.items():
+            if name in setup:
+                setup[name]()
+            elapsed, _ = timed(fn)
+            if name in teardown:
+                teardown[name]()
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@dataclass
+class UnitTimes:
+    """Mean seconds per call of each unit in an uncached run, and that run's wall time."""
+
+    per_unit: list[float]
+    calls_per_unit: list[int]
+
+
+def time_units(units: Sequence[Unit], run: Callable[[], Any]) -> UnitTimes:
+    """Run ``run()`` once with forward pre/post hooks timing every unit (uncached, instrumented)."""
+    totals = [0.0] * len(units)
+    counts = [0] * len(units)
+    handles = []
+    for i, unit in enumerate(units):
+        start: list[float] = []
+        handles.append(unit.module.register_forward_pre_hook(lambda *_, s=start: s.append(time.perf_counter())))
+
+        def post(*_: Any, i: int = i, s: list[float] = start) -> None:
+            totals[i] += time.perf_counter() - s.pop()
+            counts[i] += 1
+
+        handles.append(unit.module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return UnitTimes([t / c if c else 0.0 for t, c in zip(totals, counts, strict=True)], counts)
+
+
+def oracle_speedup(uncached_seconds: float, unit_times: UnitTimes, skipped_per_unit: Sequence[float]) -> float:
+    """``T / (T - sum of skipped unit time)``; ``skipped_per_unit`` is skips per unit in one pipeline call."""
+    saved = sum(t * n for t, n in zip(unit_times.per_unit, skipped_per_unit, strict=True))
+    saved = min(saved, uncached_seconds * 0.999)
+    return uncached_seconds / (uncached_seconds - saved)

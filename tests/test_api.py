@@ -1,0 +1,121 @@
+"""Public API behaviour on a small FLUX transformer driven by a real scheduler."""
+
+import pytest
+import torch
+from diffusers import FirstBlockCacheConfig, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+import difcache
+
+
+class FluxLoop:
+    """The part of FluxPipeline difcache interacts with: a transformer, a scheduler and the denoising loop."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+        ).eval()  # fmt: skip
+        self.scheduler = FlowMatchEulerDiscreteScheduler()
+
+    @torch.no_grad()
+    def __call__(self, steps: int = 8, seed: int = 0, tokens: int = 16) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, tokens, 8, generator=g)
+        enc, pooled = torch.randn(1, 4, 16, generator=g), torch.randn(1, 16, generator=g)
+        self.scheduler.set_timesteps(steps)
+        for t in self.scheduler.timesteps:
+            v = self.transformer(
+                hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=(t / 1000).expand(1),
+                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(4, 3), return_dict=False,
+            )[0]  # fmt: skip
+            x = self.scheduler.step(v, t, x).prev_sample
+        return x
+
+
+@pytest.fixture
+def pipe():
+    return FluxLoop()
+
+
+def test_taylorseer_skips_units_and_stays_close(pipe):
+    reference = pipe()
+    with difcache.apply_cache(pipe, "taylorseer", interval=3, warmup=2) as handle:
+        cached = pipe()
+        stats = handle.stats()
+    assert stats.calls == 8 and stats.runs == 1
+    assert stats.totals()["forecast"] > 0 and stats.ideal_speedup > 1.3
+    assert (cached - reference).abs().max() < 0.5 * reference.abs().max()
+    assert "ideal speedup" in str(stats) and "transformer_blocks.0.attn" in str(stats)
+
+
+def test_remove_is_bit_identical_and_idempotent(pipe):
+    reference = pipe()
+    handle = difcache.apply_cache(pipe, "fora")
+    pipe()
+    handle.remove()
+    handle.remove()
+    assert torch.equal(pipe(), reference)
+    assert "step" not in vars(pipe.scheduler)
+
+
+def test_second_apply_raises_naming_remove(pipe):
+    handle = difcache.apply_cache(pipe, "fora")
+    with pytest.raises(difcache.DifcacheError, match=r"remove\(\)"):
+        difcache.apply_cache(pipe.transformer, "taylorseer")
+    assert difcache.remove_cache(pipe) is True
+    assert difcache.remove_cache(pipe) is False
+    assert not handle.active
+
+
+def test_refuses_to_stack_on_diffusers_cache(pipe):
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(difcache.DifcacheError, match="disable_cache"):
+        difcache.apply_cache(pipe, "taylorseer")
+    pipe.transformer.disable_cache()
+
+
+def test_unknown_model_names_class_and_registration():
+    with pytest.raises(difcache.DifcacheError, match=r"no adapter for Linear.*register_adapter"):
+        difcache.apply_cache(torch.nn.Linear(2, 2), "fora")
+
+
+def test_adapter_matching_nothing_is_an_error_not_a_silent_no_op():
+    class Empty(torch.nn.Module):
+        blocks = torch.nn.ModuleList()
+
+    difcache.register_adapter(Empty, difcache.block_adapter("empty", ["blocks"], {"attn": "attn"}))
+    with pytest.raises(difcache.DifcacheError, match="no cacheable units"):
+        difcache.apply_cache(Empty(), "fora")
+
+
+def test_unknown_method_and_bad_override(pipe):
+    with pytest.raises(difcache.DifcacheError, match="Available methods"):
+        difcache.apply_cache(pipe, "magic")
+    with pytest.raises(ValueError, match="interval must be"):
+        difcache.apply_cache(pipe, "fora", interval=0)
+    assert not hasattr(pipe.transformer, "_difcache_cache")
+
+
+def test_config_instance_on_bare_module(pipe):
+    reference = pipe()
+    handle = difcache.apply_cache(pipe.transformer, difcache.TaylorSeerConfig(interval=2, order=1, warmup=1))
+    first, second = pipe(), pipe()
+    assert torch.equal(first, second)  # bare module: runs separated by the rising timestep
+    assert handle.stats().runs == 2
+    assert not torch.equal(first, reference)
+    handle.remove()
+
+
+def test_always_compute_is_exact(pipe):
+    reference = pipe()
+    with difcache.apply_cache(pipe, "always_compute") as handle:
+        assert torch.equal(pipe(), reference)
+        assert handle.stats().ideal_speedup == 1.0
+
+
+def test_shape_change_between_calls(pipe):
+    with difcache.apply_cache(pipe, "taylorseer", interval=2, warmup=1) as handle:
+        small, large = pipe(tokens=16), pipe(tokens=36)
+        assert small.shape[1] == 16 and large.shape[1] == 36
+        assert handle.stats().runs == 2
