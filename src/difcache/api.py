@@ -46,14 +46,11 @@ class CacheHandle:
         """Decisions per unit, ideal speedup and store memory since the cache was applied."""
         if self._runtime is None:
             raise DifcacheError("This cache was removed; stats are gone. Read stats() before remove().")
-        return self._runtime.stats
+        return self._runtime.sync_stats()
 
     def reset_stats(self) -> None:
-        runtime = self._require()
-        runtime.stats = CacheStats(
-            runtime.stats.method,
-            units=[type(u)(u.name, u.kind, flops_share=u.flops_share) for u in runtime.stats.units],
-        )
+        """Start counting afresh (e.g. after a warm-up call)."""
+        self._require().reset_stats()
 
     def remove(self) -> None:
         """Remove every hook and restore the scheduler; outputs become bit-identical to the uncached model."""

@@ -24,9 +24,7 @@ def _sdpa_cpu_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any
 _CUSTOM = {_aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
 
 
-def measure_flops(
-    root: torch.nn.Module, unit_modules: Sequence[torch.nn.Module], run: Callable[[], Any]
-) -> tuple[Any, int, list[int]]:
+def measure_flops(unit_modules: Sequence[torch.nn.Module], run: Callable[[], Any]) -> tuple[Any, int, list[int]]:
     """Run ``run()`` under a FLOP counter; return its result, the total FLOPs and the FLOPs of each unit.
 
     Per-unit FLOPs are the counter's growth between a unit's entry and exit (forward pre/post hooks), which

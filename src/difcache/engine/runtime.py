@@ -31,6 +31,10 @@ class CacheRuntime:
         self.store = FeatureStore(plan.forecaster)
         self.stats = CacheStats(method, units=[UnitStats(u.name, u.kind) for u in plan.scope.units])
         self.unit_flops: list[int] = [0] * len(plan.scope.units)
+        # counts[action][unit]: plain lists on the hot path, folded into stats when they are read.
+        self.counts: list[list[int]] = [[0] * len(plan.scope.units) for _ in Action]
+        self.row: list[Action] = []
+        self.row_info: StepInfo | None = None
         self._table: list[list[Action]] = []
         self._last_skip: list[int] = []
         self._table_key: tuple | None = None
@@ -62,12 +66,28 @@ class CacheRuntime:
         self.stats.runs += 1
         self._table_key = None
 
-    def action(self, info: StepInfo, unit: int) -> Action:
+    def refresh_row(self, info: StepInfo) -> list[Action]:
+        """The decisions of every unit for the call described by ``info`` (built once per call)."""
         if self._table_key != (info.run, info.num_steps):
             self._build_table(info)
         if info.step < len(self._table):
-            return self._table[info.step][unit]
-        return self.plan.policy.decide(info.step, info.num_steps, unit)
+            self.row = self._table[info.step]
+        else:
+            self.row = [self.plan.policy.decide(info.step, info.num_steps, u) for u in range(len(self.counts[0]))]
+        self.row_info = info
+        return self.row
+
+    def sync_stats(self) -> CacheStats:
+        """Fold the hot-path counters into ``self.stats`` and return it."""
+        for stats, compute, reuse, forecast in zip(self.stats.units, *self.counts, strict=True):
+            stats.compute, stats.reuse, stats.forecast = compute, reuse, forecast
+        return self.stats
+
+    def reset_stats(self) -> None:
+        self.counts = [[0] * len(self.counts[0]) for _ in Action]
+        self.stats = CacheStats(
+            self.stats.method, units=[UnitStats(u.name, u.kind, flops_share=u.flops_share) for u in self.stats.units]
+        )
 
     def needs_update(self, step: int, unit: int) -> bool:
         """Whether the output computed at ``step`` can still be read by a later forecast in this run."""

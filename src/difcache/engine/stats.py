@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from difcache.engine.actions import Action
-
 
 @dataclass
 class UnitStats:
@@ -44,15 +42,6 @@ class CacheStats:
     def ideal_speedup(self) -> float:
         executed = self.full_flops - self.skipped_flops
         return self.full_flops / executed if executed > 0 else 1.0
-
-    def count(self, unit: int, action: Action) -> None:
-        stats = self.units[unit]
-        if action == Action.COMPUTE:
-            stats.compute += 1
-        elif action == Action.REUSE:
-            stats.reuse += 1
-        else:
-            stats.forecast += 1
 
     def totals(self) -> dict[str, int]:
         return {

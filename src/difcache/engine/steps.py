@@ -220,8 +220,9 @@ class StepTracker:
     # ------------------------------------------------------------------ per call
     def _on_call(self, args: tuple, kwargs: dict, context: _ContextProbe) -> None:
         shape_key = _shape_key(args, kwargs)
-        timestep = self._timestep_value(args, kwargs)
+        timestep = None
         if self._scheduler is None or not self._run_open:
+            timestep = self._timestep_value(args, kwargs)
             self._advance_without_scheduler(shape_key, timestep, context)
         elif shape_key != self._shape_key and self._shape_key is not None:
             # Resolution or batch changed inside a run: features of the old shape are useless.

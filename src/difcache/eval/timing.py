@@ -53,14 +53,15 @@ def interleaved_medians(
 
 @dataclass
 class UnitTimes:
-    """Mean seconds per call of each unit in an uncached run, and that run's wall time."""
+    """Mean seconds per call of each unit in instrumented uncached runs, and those runs' mean wall time."""
 
     per_unit: list[float]
     calls_per_unit: list[int]
+    total: float
 
 
-def time_units(units: Sequence[Unit], run: Callable[[], Any]) -> UnitTimes:
-    """Run ``run()`` once with forward pre/post hooks timing every unit (uncached, instrumented)."""
+def time_units(units: Sequence[Unit], run: Callable[[], Any], repeats: int = 1) -> UnitTimes:
+    """Run ``run()`` ``repeats`` times with forward pre/post hooks timing every unit (uncached, instrumented)."""
     totals = [0.0] * len(units)
     counts = [0] * len(units)
     handles = []
@@ -75,15 +76,20 @@ def time_units(units: Sequence[Unit], run: Callable[[], Any]) -> UnitTimes:
         handles.append(unit.module.register_forward_hook(post))
     try:
         with torch.no_grad():
-            run()
+            elapsed = sum(timed(run)[0] for _ in range(repeats))
     finally:
         for h in handles:
             h.remove()
-    return UnitTimes([t / c if c else 0.0 for t, c in zip(totals, counts, strict=True)], counts)
+    per_call = [t / c if c else 0.0 for t, c in zip(totals, counts, strict=True)]
+    return UnitTimes(per_call, [c // repeats for c in counts], elapsed / repeats)
 
 
-def oracle_speedup(uncached_seconds: float, unit_times: UnitTimes, skipped_per_unit: Sequence[float]) -> float:
-    """``T / (T - sum of skipped unit time)``; ``skipped_per_unit`` is skips per unit in one pipeline call."""
+def oracle_speedup(unit_times: UnitTimes, skipped_per_unit: Sequence[float]) -> float:
+    """``T / (T - time of the skipped units)`` for one pipeline call, ``skipped_per_unit`` skips per unit.
+
+    Both ``T`` and the unit times come from the same instrumented runs, so machine noise between those runs
+    and the timed ones cancels in the ratio.
+    """
     saved = sum(t * n for t, n in zip(unit_times.per_unit, skipped_per_unit, strict=True))
-    saved = min(saved, uncached_seconds * 0.999)
-    return uncached_seconds / (uncached_seconds - saved)
+    saved = min(saved, unit_times.total * 0.999)
+    return unit_times.total / (unit_times.total - saved)

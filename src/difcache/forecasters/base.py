@@ -16,14 +16,11 @@ Feature = list[torch.Tensor | None]
 
 
 class Forecaster(Protocol):
-    #: True when predictions are extrapolations that can overflow and need a finiteness check.
-    extrapolates: bool
-
     def update(self, state: Any, step: int, value: Feature) -> Any:
         """Fold the output computed at ``step`` into ``state`` (``None`` at the start of a run)."""
 
-    def predict(self, state: Any, step: int) -> Feature:
-        """The output to use at ``step`` from ``state``."""
+    def predict(self, state: Any, step: int) -> Feature | None:
+        """The output to use at ``step`` from ``state``, or ``None`` if it would not be finite (recompute)."""
 
     def tensors(self, state: Any) -> list[torch.Tensor]:
         """Every tensor the state holds (for memory accounting)."""

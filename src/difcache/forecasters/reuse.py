@@ -11,8 +11,6 @@ from difcache.forecasters.base import Feature
 
 @dataclass(frozen=True)
 class ReuseForecaster:
-    extrapolates: bool = False
-
     def update(self, state: Feature | None, step: int, value: Feature) -> Feature:
         # The reference is kept, not copied: diffusers blocks never write into a sub-module's output in place.
         return value

@@ -11,6 +11,11 @@ official code (``taylor_utils.derivative_approximation``):
 * a higher factor is only formed when the previous state has the factor below it, so the order builds up
   one computed step at a time, and differences start at step ``warmup - 1`` (``step > first_enhance - 2``).
 
+Non-finite values: a state whose highest factor is not finite (checked once per computed step, by one
+reduction, a host synchronisation on GPUs that happens only on computed steps) predicts
+``None`` and the engine recomputes the unit; forecasts cast to fp16 are checked too (fp32/bf16 cannot
+overflow from finite factors at these step distances).
+
 Deviation: factors are kept in fp32 (diffusers' hook defaults to bf16, where differences of nearly equal
 activations are mostly rounding noise). The forecast is cast back to the unit's output dtype.
 """
@@ -30,13 +35,13 @@ class TaylorState:
     step: int
     factors: list[Feature]  # factors[k][leaf]
     dtypes: list[torch.dtype | None]
+    finite: bool = True
 
 
 @dataclass(frozen=True)
 class TaylorForecaster:
     order: int
     warmup: int = 0
-    extrapolates: bool = True
 
     def update(self, state: TaylorState | None, step: int, value: Feature) -> TaylorState:
         new: list[Feature] = [[None if t is None else t.detach().float() for t in value]]
@@ -49,9 +54,14 @@ class TaylorForecaster:
                     [None if n is None else (n - o) / distance for n, o in zip(new[k], state.factors[k], strict=True)]
                 )
         dtypes = [None if t is None else t.dtype for t in value]
-        return TaylorState(step, new, dtypes)
+        # One reduction instead of an elementwise pass: a sum is non-finite iff an entry is (or it overflows,
+        # which errs on the safe side: the unit is recomputed).
+        finite = all(bool(torch.isfinite(t.sum())) for t in new[-1] if t is not None)
+        return TaylorState(step, new, dtypes, finite)
 
-    def predict(self, state: TaylorState, step: int) -> Feature:
+    def predict(self, state: TaylorState, step: int) -> Feature | None:
+        if not state.finite:
+            return None
         h = step - state.step
         out: Feature = []
         for leaf, dtype in enumerate(state.dtypes):
@@ -60,8 +70,11 @@ class TaylorForecaster:
                 continue
             acc = state.factors[0][leaf]
             for k in range(1, len(state.factors)):
-                acc = acc + state.factors[k][leaf] * (h**k / math.factorial(k))
-            out.append(acc.to(dtype))
+                acc = torch.add(acc, state.factors[k][leaf], alpha=h**k / math.factorial(k))
+            acc = acc.to(dtype)
+            if dtype == torch.float16 and not bool(torch.isfinite(acc).all()):
+                return None
+            out.append(acc)
         return out
 
     def tensors(self, state: TaylorState) -> list[torch.Tensor]:
