@@ -8,11 +8,13 @@ handle.remove()
 
 from difcache.adapters import block_adapter, register_adapter
 from difcache.api import CacheHandle, apply_cache, remove_cache
+from difcache.calibration import calibrate
 from difcache.config import CacheConfig
 from difcache.engine.actions import Action
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import AlwaysComputeConfig, FORAConfig, TaylorSeerConfig, list_methods, register_method
+from difcache.profile import Profile
 
 __version__ = "0.1.0"
 
@@ -24,9 +26,11 @@ __all__ = [
     "CacheStats",
     "DifcacheError",
     "FORAConfig",
+    "Profile",
     "TaylorSeerConfig",
     "apply_cache",
     "block_adapter",
+    "calibrate",
     "list_methods",
     "register_adapter",
     "register_method",

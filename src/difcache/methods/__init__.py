@@ -3,7 +3,13 @@
 from difcache.methods import always_compute, fora, taylorseer  # noqa: F401  (registration)
 from difcache.methods.always_compute import AlwaysComputeConfig
 from difcache.methods.fora import FORAConfig
-from difcache.methods.registry import list_methods, method_spec, register_method, resolve_config
+from difcache.methods.registry import (
+    list_methods,
+    method_spec,
+    register_calibrator,
+    register_method,
+    resolve_config,
+)
 from difcache.methods.taylorseer import TaylorSeerConfig
 
 __all__ = [
@@ -12,6 +18,7 @@ __all__ = [
     "TaylorSeerConfig",
     "list_methods",
     "method_spec",
+    "register_calibrator",
     "register_method",
     "resolve_config",
 ]

@@ -16,6 +16,8 @@ from difcache.engine.plan import Plan
 from difcache.errors import DifcacheError
 
 BuildFn = Callable[[Any, Layout], Plan]
+# fn(config, layout, session: calibration.CalibrationSession, call_kwargs: list[dict]) -> JSON-serialisable data
+CalibrateFn = Callable[[Any, Layout, Any, list], dict]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class MethodSpec:
     config_cls: type[CacheConfig]
     build: BuildFn
     description: str
+    calibrate: CalibrateFn | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -35,6 +38,17 @@ def register_method(config_cls: type[CacheConfig], description: str) -> Callable
     def decorate(build: BuildFn) -> BuildFn:
         _METHODS[config_cls.method] = MethodSpec(config_cls.method, config_cls, build, description)
         return build
+
+    return decorate
+
+
+def register_calibrator(config_cls: type[CacheConfig]) -> Callable[[CalibrateFn], CalibrateFn]:
+    """Decorator registering the offline calibration of an already registered method."""
+
+    def decorate(fn: CalibrateFn) -> CalibrateFn:
+        spec = _METHODS[config_cls.method]
+        _METHODS[config_cls.method] = MethodSpec(spec.name, spec.config_cls, spec.build, spec.description, fn)
+        return fn
 
     return decorate
 
