@@ -19,11 +19,11 @@ class FluxLoop:
         self.scheduler = FlowMatchEulerDiscreteScheduler()
 
     @torch.no_grad()
-    def __call__(self, steps: int = 8, seed: int = 0, tokens: int = 16) -> torch.Tensor:
+    def __call__(self, num_inference_steps: int = 8, seed: int = 0, tokens: int = 16) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(1, tokens, 8, generator=g)
         enc, pooled = torch.randn(1, 4, 16, generator=g), torch.randn(1, 16, generator=g)
-        self.scheduler.set_timesteps(steps)
+        self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
             v = self.transformer(
                 hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=(t / 1000).expand(1),

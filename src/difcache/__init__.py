@@ -13,7 +13,14 @@ from difcache.config import CacheConfig
 from difcache.engine.actions import Action
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
-from difcache.methods import AlwaysComputeConfig, FORAConfig, TaylorSeerConfig, list_methods, register_method
+from difcache.methods import (
+    AlwaysComputeConfig,
+    FORAConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+    list_methods,
+    register_method,
+)
 from difcache.profile import Profile
 
 __version__ = "0.1.0"
@@ -28,6 +35,7 @@ __all__ = [
     "FORAConfig",
     "Profile",
     "TaylorSeerConfig",
+    "TeaCacheConfig",
     "apply_cache",
     "block_adapter",
     "calibrate",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-UNIT_KINDS = ("attn", "cross_attn", "ffn", "block")
+UNIT_KINDS = ("attn", "cross_attn", "ffn", "block", "range")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,14 @@ class Unit:
     name: str
     module: torch.nn.Module = field(repr=False, compare=False)
     kind: str
-    block: int  # index into Layout.blocks
+    block: int  # index into Layout.blocks (the first block, for a range)
+    # Modules whose work the unit stands for, when more than ``module`` (a range of blocks): FLOPs and timings
+    # of a unit are summed over these.
+    members: tuple[torch.nn.Module, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        return self.members or (self.module,)
 
 
 @dataclass(frozen=True)

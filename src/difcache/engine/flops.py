@@ -24,17 +24,20 @@ def _sdpa_cpu_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any
 _CUSTOM = {_aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
 
 
-def measure_flops(unit_modules: Sequence[torch.nn.Module], run: Callable[[], Any]) -> tuple[Any, int, list[int]]:
+def measure_flops(
+    unit_modules: Sequence[Sequence[torch.nn.Module]], run: Callable[[], Any]
+) -> tuple[Any, int, list[int]]:
     """Run ``run()`` under a FLOP counter; return its result, the total FLOPs and the FLOPs of each unit.
 
     Per-unit FLOPs are the counter's growth between a unit's entry and exit (forward pre/post hooks), which
     does not depend on the counter having seen the root module start (it starts inside the root's forward).
-    Units never nest inside each other in a layout, so the deltas add up.
+    Units never nest inside each other in a layout, so the deltas add up; a unit standing for several modules
+    (a range of blocks) gets the sum over them.
     """
     per_unit = [0] * len(unit_modules)
     with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
         handles = []
-        for i, module in enumerate(unit_modules):
+        for i, module in ((i, m) for i, members in enumerate(unit_modules) for m in members):
             entry: list[int] = []
             handles.append(module.register_forward_pre_hook(lambda *_, e=entry: e.append(counter.get_total_flops())))
             handles.append(

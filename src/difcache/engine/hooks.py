@@ -54,7 +54,7 @@ class CacheRootHook(ModelHook):
         memo = _FLOPS_MEMO.setdefault(module, {})
         measured = memo.get(key)
         if measured is None:
-            units = [u.module for u in rt.plan.scope.units]
+            units = [u.modules for u in rt.plan.scope.units]
             output, total, per_unit = measure_flops(units, lambda: self.fn_ref.original_forward(*args, **kwargs))
             memo[key] = measured = (total, per_unit)
         else:

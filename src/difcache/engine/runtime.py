@@ -38,6 +38,8 @@ class CacheRuntime:
         self._table: list[list[Action]] = []
         self._last_skip: list[int] = []
         self._table_key: tuple | None = None
+        self.policy_state = plan.policy.new_state() if plan.policy.dynamic else None
+        self._live: dict[int, tuple[tuple[int, int], Action]] = {}  # unit -> ((run, step), decision)
         self._removers: list[Callable[[], None]] = []
         self.tracker = StepTracker.attach(self.model, scheduler)
         self._removers.append(self.tracker.on_new_run(self._on_new_run))
@@ -65,6 +67,23 @@ class CacheRuntime:
         self.store.clear()
         self.stats.runs += 1
         self._table_key = None
+        self._live.clear()
+        if self.plan.policy.dynamic:
+            self.policy_state = self.plan.policy.new_state()
+
+    def decide(self, info: StepInfo, unit: int, signal: Callable[[], torch.Tensor | None]) -> Action:
+        """The action for ``unit`` in this call: a table lookup for static policies; for dynamic ones, one
+        decision per step taken on the step's first call (sequential CFG branches follow it)."""
+        policy = self.plan.policy
+        if not policy.dynamic:
+            return (self.row if self.row_info is info else self.refresh_row(info))[unit]
+        key = (info.run, info.step)
+        cached = self._live.get(unit)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        action = policy.decide_live(self.policy_state, info, signal())
+        self._live[unit] = (key, action)
+        return action
 
     def refresh_row(self, info: StepInfo) -> list[Action]:
         """The decisions of every unit for the call described by ``info`` (built once per call)."""

@@ -65,23 +65,25 @@ def time_units(units: Sequence[Unit], run: Callable[[], Any], repeats: int = 1) 
     totals = [0.0] * len(units)
     counts = [0] * len(units)
     handles = []
-    for i, unit in enumerate(units):
+    for i, module in ((i, m) for i, unit in enumerate(units) for m in unit.modules):
         start: list[float] = []
-        handles.append(unit.module.register_forward_pre_hook(lambda *_, s=start: s.append(time.perf_counter())))
+        handles.append(module.register_forward_pre_hook(lambda *_, s=start: s.append(time.perf_counter())))
 
         def post(*_: Any, i: int = i, s: list[float] = start) -> None:
             totals[i] += time.perf_counter() - s.pop()
             counts[i] += 1
 
-        handles.append(unit.module.register_forward_hook(post))
+        handles.append(module.register_forward_hook(post))
     try:
         with torch.no_grad():
             elapsed = sum(timed(run)[0] for _ in range(repeats))
     finally:
         for h in handles:
             h.remove()
-    per_call = [t / c if c else 0.0 for t, c in zip(totals, counts, strict=True)]
-    return UnitTimes(per_call, [c // repeats for c in counts], elapsed / repeats)
+    # A unit standing for several modules (a range) is counted once per module call; divide by members.
+    calls = [c // max(len(u.modules), 1) for c, u in zip(counts, units, strict=True)]
+    per_call = [t / c if c else 0.0 for t, c in zip(totals, calls, strict=True)]
+    return UnitTimes(per_call, [c // repeats for c in calls], elapsed / repeats)
 
 
 def oracle_speedup(unit_times: UnitTimes, skipped_per_unit: Sequence[float]) -> float:

@@ -1,6 +1,6 @@
 """Methods: one file each, a config with the paper's defaults and a registered ``build``."""
 
-from difcache.methods import always_compute, fora, taylorseer  # noqa: F401  (registration)
+from difcache.methods import always_compute, fora, taylorseer, teacache  # noqa: F401  (registration)
 from difcache.methods.always_compute import AlwaysComputeConfig
 from difcache.methods.fora import FORAConfig
 from difcache.methods.registry import (
@@ -11,11 +11,13 @@ from difcache.methods.registry import (
     resolve_config,
 )
 from difcache.methods.taylorseer import TaylorSeerConfig
+from difcache.methods.teacache import TeaCacheConfig
 
 __all__ = [
     "AlwaysComputeConfig",
     "FORAConfig",
     "TaylorSeerConfig",
+    "TeaCacheConfig",
     "list_methods",
     "method_spec",
     "register_calibrator",

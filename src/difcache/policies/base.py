@@ -7,7 +7,7 @@ are identical on every rank. A *dynamic* policy (TeaCache, first-block) reads li
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from difcache.engine.actions import Action
 
@@ -18,6 +18,16 @@ class StaticPolicy(Protocol):
     dynamic: ClassVar[bool]
 
     def decide(self, step: int, num_steps: int | None, unit: int) -> Action: ...
+
+
+class DynamicPolicy(Protocol):
+    """A rule that reads a live signal once per step; it keeps per-run state created by ``new_state``."""
+
+    dynamic: ClassVar[bool]
+
+    def new_state(self) -> Any: ...
+
+    def decide_live(self, state: Any, info: Any, signal: Any) -> Action: ...
 
 
 def schedule_table(policy: StaticPolicy, num_steps: int, num_units: int) -> list[list[Action]]:
