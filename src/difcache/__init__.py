@@ -15,6 +15,7 @@ from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import (
     AlwaysComputeConfig,
+    DeltaDiTConfig,
     FORAConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "CacheConfig",
     "CacheHandle",
     "CacheStats",
+    "DeltaDiTConfig",
     "DifcacheError",
     "FORAConfig",
     "Profile",

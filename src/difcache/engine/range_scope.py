@@ -118,7 +118,7 @@ class BlockRangeScope:
             for position, block in enumerate(unit.modules):
                 hook = _RangeBlockHook(runtime, index, shared, _Streams.of(block), position == 0, position == last)
                 hook.signal = self.signal if position == 0 else None
-                removers.append(register(block, hook, RANGE_HOOK))
+                removers.append(register(block, hook, f"{RANGE_HOOK}_{index}"))
         return removers
 
 
