@@ -1,0 +1,243 @@
+"""``difcache bench``: difcache's methods and the alternatives users have today, side by side, in one process.
+
+For each variant (a difcache config or an alternative's setting) on one pipeline (``BENCHMARKS.md``):
+
+* quality: PSNR/SSIM of its outputs against the uncached outputs of the same seeds;
+* ideal speedup: denoiser FLOPs of an uncached call / of the cached call, counted the same way for every
+  variant (a FLOP counter around the whole call, denoiser forwards only), so difcache and the alternatives are
+  measured by one ruler;
+* measured speedup: interleaved median wall times (uncached, A, B, ..., uncached, A, B, ...), each variant
+  applied before and removed after its timed call;
+* oracle speedup and engine efficiency (difcache variants): the uncached time minus the measured time of the
+  units it skipped (an instrumented uncached run), and measured / oracle.
+
+Alternatives whose package is missing are reported as missing; one that fails on the model is reported with its
+error. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import difcache
+from difcache.api import find_denoiser
+from difcache.engine.flops import _CUSTOM
+from difcache.eval.alternatives import ALTERNATIVES
+from difcache.eval.timing import interleaved_medians, oracle_speedup, time_units
+
+
+@dataclass
+class BenchTarget:
+    """A pipeline and how to call it: ``call(seed)`` returns images ``[N, C, H, W]`` (or frames) in [0, 1]."""
+
+    name: str
+    pipe: Any
+    call: Callable[[int], torch.Tensor]
+    steps: int
+    seeds: Sequence[int] = (0, 1)
+
+
+@dataclass
+class Variant:
+    label: str
+    group: str  # curve on the Pareto plot: "difcache:<method>" or the alternative's name
+    apply: Callable[[], Callable[[], None]]  # returns its remover
+    setting: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    label: str
+    group: str
+    setting: dict[str, Any]
+    status: str = "ok"
+    seconds: float | None = None
+    measured_speedup: float | None = None
+    ideal_speedup: float | None = None
+    oracle_speedup: float | None = None
+    engine_efficiency: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    store_mib: float | None = None
+
+
+def difcache_variant(method: str, **setting: Any) -> Callable[[BenchTarget], Variant]:
+    def make(target: BenchTarget) -> Variant:
+        label = method + ("" if not setting else " " + ",".join(f"{k}={v}" for k, v in setting.items()))
+
+        def apply() -> Callable[[], None]:
+            return difcache.apply_cache(target.pipe, method, **setting).remove
+
+        return Variant(label, f"difcache:{method}", apply, dict(setting))
+
+    return make
+
+
+def alternative_variant(name: str, **setting: Any) -> Callable[[BenchTarget], Variant]:
+    alternative = ALTERNATIVES[name]
+
+    def make(target: BenchTarget) -> Variant:
+        label = name + ("" if not setting else " " + ",".join(f"{k}={v}" for k, v in setting.items()))
+        full = {**setting, "calibration_call": lambda: target.call(target.seeds[0])}
+        return Variant(label, name, lambda: alternative.apply(target.pipe, full, target.steps), dict(setting))
+
+    return make
+
+
+def denoiser_flops(target: BenchTarget, seed: int) -> float:
+    """FLOPs of all denoiser forwards in one call (deltas of a global counter around each forward)."""
+    model, _ = find_denoiser(target.pipe)
+    total = [0.0]
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        entry: list[int] = []
+        pre = model.register_forward_pre_hook(lambda *_: entry.append(counter.get_total_flops()))
+        post = model.register_forward_hook(
+            lambda *_: total.__setitem__(0, total[0] + counter.get_total_flops() - entry.pop())
+        )
+        try:
+            target.call(seed)
+        finally:
+            pre.remove()
+            post.remove()
+    return total[0]
+
+
+def run_bench(target: BenchTarget, makers: Sequence[Callable[[BenchTarget], Variant]], repeats: int = 5) -> dict:
+    """Run every variant on ``target``; returns a JSON-serialisable report (see the module docstring)."""
+    from difcache.eval.metrics import psnr, ssim
+
+    variants = [make(target) for make in makers]
+    references = {seed: target.call(seed) for seed in target.seeds}
+    full_flops = denoiser_flops(target, target.seeds[0])
+    rows: list[Row] = []
+    timed: dict[str, Callable[[], Any]] = {"uncached": lambda: target.call(target.seeds[0])}
+    removers: dict[str, Callable[[], None]] = {}
+    setup: dict[str, Callable[[], None]] = {}
+    teardown: dict[str, Callable[[], None]] = {}
+    skipped_units: dict[str, tuple[list, list[float]]] = {}
+    for variant in variants:
+        row = Row(variant.label, variant.group, variant.setting)
+        rows.append(row)
+        alt = ALTERNATIVES.get(variant.group)
+        if alt is not None and not alt.available():
+            row.status = f"missing: pip install {alt.package}"
+            continue
+        try:
+            remove = variant.apply()
+            try:
+                outputs = {seed: target.call(seed) for seed in target.seeds}
+                row.ideal_speedup = full_flops / max(denoiser_flops(target, target.seeds[0]), 1.0)
+                handle = getattr(find_denoiser(target.pipe)[0], "_difcache_cache", None)
+                if handle is not None:
+                    handle.reset_stats()
+                    target.call(target.seeds[0])
+                    stats = handle.stats()
+                    row.store_mib = stats.peak_store_bytes / 2**20
+                    units = list(handle._runtime.plan.scope.units)
+                    skipped_units[variant.label] = (units, [u.skipped / max(stats.runs, 1) for u in stats.units])
+            finally:
+                remove()
+        except Exception as err:  # reported in the table, never dropped
+            row.status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            traceback.print_exc()
+            continue
+        row.psnr = sum(psnr(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
+        row.ssim = sum(ssim(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
+        timed[variant.label] = timed["uncached"]
+        setup[variant.label] = lambda v=variant: removers.__setitem__(v.label, v.apply())
+        teardown[variant.label] = lambda v=variant: removers.pop(v.label)()
+    medians = interleaved_medians(timed, repeats=repeats, setup=setup, teardown=teardown)
+    for row in rows:
+        if row.label in medians:
+            row.seconds = medians[row.label]
+            row.measured_speedup = medians["uncached"] / medians[row.label]
+    for label, (units, skipped) in skipped_units.items():
+        row = next(r for r in rows if r.label == label)
+        times = time_units(units, lambda: target.call(target.seeds[0]), repeats=2)
+        row.oracle_speedup = oracle_speedup(times, skipped)
+        row.engine_efficiency = row.measured_speedup / row.oracle_speedup if row.measured_speedup else None
+    return {
+        "target": target.name,
+        "steps": target.steps,
+        "seeds": list(target.seeds),
+        "repeats": repeats,
+        "uncached_seconds": medians["uncached"],
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "difcache": difcache.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"**{report['target']}**, {report['steps']} steps, seeds {report['seeds']}, median of {report['repeats']} "
+        f"interleaved runs, uncached {report['uncached_seconds']:.3f}s, {report['threads']} threads, "
+        f"torch {report['torch']}.",
+        "",
+        "| variant | measured | ideal | oracle | efficiency | PSNR dB | SSIM | cache MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x: float | None, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['label']} | {f(r['measured_speedup'], '.2f')}× | {f(r['ideal_speedup'], '.2f')}× | "
+            f"{f(r['oracle_speedup'], '.2f')}{'×' if r['oracle_speedup'] else ''} | "
+            f"{f(r['engine_efficiency'], '.3f')} | "
+            f"{f(r['psnr'], '.2f')} | {f(r['ssim'], '.4f')} | {f(r['store_mib'], '.1f')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def pareto_plot(report: dict, path: str | Path, x: str = "ideal_speedup") -> None:
+    """Speedup vs PSNR, one curve per method / alternative."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for r in report["rows"]:
+        if r["status"] == "ok" and r[x] is not None and r["psnr"] is not None:
+            groups.setdefault(r["group"], []).append((r[x], min(r["psnr"], 60.0)))
+    for group, points in sorted(groups.items()):
+        points.sort()
+        style = "-o" if group.startswith("difcache") else "--s"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=group)
+    ax.set_xlabel(x.replace("_", " ") + " (×)")
+    ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")
+    ax.set_title(f"{report['target']}: speed vs fidelity ({report['steps']} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "bench.md").write_text(markdown_table(report) + "\n")
+    try:
+        pareto_plot(report, out / "pareto_ideal.png", "ideal_speedup")
+        pareto_plot(report, out / "pareto_measured.png", "measured_speedup")
+    except ImportError:
+        print("matplotlib is not installed: no Pareto plot (pip install matplotlib).")
+    return out
