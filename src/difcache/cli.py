@@ -1,0 +1,148 @@
+"""The ``difcache`` command: ``demo``, ``bench``, ``calibrate`` and ``list``.
+
+difcache demo                                   # bundled DiT + UNet, uncached vs cached, side-by-side PNG
+difcache bench --model dit --out runs/bench     # every method and the alternatives, JSON/Markdown/Pareto
+difcache calibrate --model dit --method teacache --out dit-teacache.json
+difcache list                                   # methods and supported models
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any
+
+
+def _parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``"taylorseer:interval=4,order=2"`` -> ``("taylorseer", {"interval": 4, "order": 2})``."""
+    name, _, rest = text.partition(":")
+    setting: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            setting[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            setting[key.strip()] = value.strip()
+    return name.strip(), setting
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import difcache
+    from difcache.adapters import registered_adapters
+    from difcache.eval.alternatives import ALTERNATIVES
+
+    print("methods:")
+    for name, description in difcache.list_methods().items():
+        print(f"  {name:<16} {description}")
+    print("models with adapters:", ", ".join(registered_adapters()))
+    print("alternatives for `difcache bench`:")
+    for name, alt in ALTERNATIVES.items():
+        print(f"  {name:<30} {'installed' if alt.available() else 'missing (pip install ' + alt.package + ')'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from difcache.demo import run_demo
+
+    run_demo(
+        method=args.method,
+        unet_method=args.unet_method,
+        steps=args.steps,
+        seeds=args.seeds,
+        out=args.out,
+        overrides=_parse_setting("x:" + args.set)[1] if args.set else {},
+        include_unet=not args.no_unet,
+    )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from difcache.eval.bench import alternative_variant, difcache_variant, markdown_table, run_bench, write_report
+    from difcache.eval.targets import build_target, default_variants
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = build_target(args.model, steps=args.steps, seeds=args.seeds)
+    if args.variants:
+        makers = []
+        for text in args.variants:
+            name, setting = _parse_setting(text)
+            makers.append(alternative_variant(name, **setting) if "-" in name else difcache_variant(name, **setting))
+    else:
+        makers = default_variants(args.model)
+    report = run_bench(target, makers, repeats=args.repeats)
+    out = write_report(report, args.out)
+    print(markdown_table(report))
+    print(f"\nwrote {out}/bench.json, bench.md and the Pareto plots")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import difcache
+    from difcache.eval.targets import build_target, calibration_calls
+
+    target = build_target(args.model, steps=args.steps, seeds=(0,))
+    profile = difcache.calibrate(
+        target.pipe, args.method, calibration_calls(args.model, args.calls), num_inference_steps=args.steps
+    )
+    profile.save(args.out)
+    print(f"wrote {args.out}: {json.dumps({k: v for k, v in profile.config.items()})}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difcache", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="bundled tiny models, uncached vs cached, side by side")
+    demo.add_argument("--method", default="taylorseer", help="method for the DiT (default taylorseer)")
+    demo.add_argument("--unet-method", default="deepcache", help="method for the UNet (default deepcache)")
+    demo.add_argument("--set", default="", help="overrides for --method, e.g. 'interval=4,order=2'")
+    demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--no-unet", action="store_true", help="only the DiT")
+    demo.set_defaults(fn=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="methods and alternatives side by side (BENCHMARKS.md)")
+    bench.add_argument("--model", default="dit", help="bundled model (dit, unet, video) or tiny:<family>")
+    bench.add_argument("--variants", nargs="*", help="e.g. taylorseer:interval=4 diffusers-fbc:threshold=0.1")
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--out", default="runs/bench")
+    bench.set_defaults(fn=_cmd_bench)
+
+    cal = sub.add_parser("calibrate", help="calibrate a method on a bundled model and save the profile")
+    cal.add_argument("--model", default="dit")
+    cal.add_argument("--method", required=True)
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--calls", type=int, default=4, help="calibration pipeline calls")
+    cal.add_argument("--out", required=True)
+    cal.set_defaults(fn=_cmd_calibrate)
+
+    lst = sub.add_parser("list", help="methods, supported models and installed alternatives")
+    lst.set_defaults(fn=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from difcache.errors import DifcacheError
+
+    try:
+        return args.fn(args)
+    except DifcacheError as err:
+        print(f"difcache: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
