@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from difcache.engine.runtime import CacheRuntime
 
 ROOT_HOOK = "difcache_cache_root"
+_FLAT = object()
 UNIT_HOOK = "difcache_unit"
 
 
@@ -73,7 +74,9 @@ class UnitHook(ModelHook):
         super().__init__()
         self.runtime = runtime
         self.unit = unit
-        self._spec: Any = None  # pytree spec of the unit's output; None means a single tensor
+        # How the output is rebuilt from its tensor leaves: None for a single tensor, _FLAT for a flat tuple of
+        # tensors/None (attention returning image and text streams), else a pytree spec.
+        self._spec: Any = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         rt = self.runtime
@@ -89,13 +92,18 @@ class UnitHook(ModelHook):
                 if leaves is not None:
                     rt.counts[action][unit] += 1
                     rt.stats.skipped_flops += rt.unit_flops[unit]
-                    return leaves[0] if self._spec is None else tree_unflatten(leaves, self._spec)
+                    spec = self._spec
+                    if spec is None:
+                        return leaves[0]
+                    return tuple(leaves) if spec is _FLAT else tree_unflatten(leaves, spec)
                 rt.stats.units[unit].nonfinite_fallbacks += 1
         output = self.fn_ref.original_forward(*args, **kwargs)
         rt.counts[0][unit] += 1
         if rt.needs_update(info.step, unit):
             if isinstance(output, torch.Tensor):
                 leaves, self._spec = [output], None
+            elif type(output) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in output):
+                leaves, self._spec = list(output), _FLAT
             else:
                 leaves, self._spec = tree_flatten(output)
                 leaves = [leaf if isinstance(leaf, torch.Tensor) else None for leaf in leaves]

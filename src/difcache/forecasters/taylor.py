@@ -56,7 +56,7 @@ class TaylorForecaster:
         dtypes = [None if t is None else t.dtype for t in value]
         # One reduction instead of an elementwise pass: a sum is non-finite iff an entry is (or it overflows,
         # which errs on the safe side: the unit is recomputed).
-        finite = all(bool(torch.isfinite(t.sum())) for t in new[-1] if t is not None)
+        finite = all(math.isfinite(t.sum().item()) for t in new[-1] if t is not None)
         return TaylorState(step, new, dtypes, finite)
 
     def predict(self, state: TaylorState, step: int) -> Feature | None:
