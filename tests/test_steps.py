@@ -137,3 +137,23 @@ def test_info_cleared_outside_forward():
     model(torch.zeros(1, 3, 4), timestep=torch.tensor([10.0]))
     assert tracker.info is None
     tracker.detach()
+
+
+def test_unwrap_keeps_a_wrapper_added_on_top():
+    model, sched = Denoiser(), DDIMScheduler()
+    tracker = StepTracker.attach(model, sched)
+    inner = sched.step
+    calls = []
+
+    def foreign(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    sched.step = foreign
+    tracker.detach()
+    assert sched.step is foreign  # the later layer survives; ours became a pass-through
+    sched.set_timesteps(2)
+    x = torch.zeros(1, 3, 4)
+    for t in sched.timesteps:
+        x = sched.step(x, t, x).prev_sample
+    assert len(calls) == 2 and tracker.step == 0

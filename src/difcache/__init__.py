@@ -16,6 +16,7 @@ from difcache.errors import DifcacheError
 from difcache.methods import (
     AlwaysComputeConfig,
     DeltaDiTConfig,
+    ERTACacheConfig,
     FORAConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "CacheStats",
     "DeltaDiTConfig",
     "DifcacheError",
+    "ERTACacheConfig",
     "FORAConfig",
     "Profile",
     "TaylorSeerConfig",

@@ -2,6 +2,12 @@
 
 Methods build a :class:`Plan`; the runtime executes it. New methods are mostly new combinations of these
 three pieces.
+
+A plan may also carry *extras*: installers for what a method changes outside the denoiser's modules (ERTACache
+wraps the pipeline's scheduler). Each is called once by :meth:`CacheRuntime.install` with the runtime (which
+gives ``runtime.scheduler``, ``runtime.model`` and ``runtime.tracker``) after the scope's hooks are in place,
+and returns a remover; removers run in reverse order on ``remove()``, before the step tracker lets go of the
+scheduler. An installer that raises aborts the install and everything installed so far is removed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ if TYPE_CHECKING:
     from difcache.engine.runtime import CacheRuntime
 
 
+# installer(runtime) -> remover
+Extra = Callable[["CacheRuntime"], Callable[[], None]]
+
+
 class Scope(Protocol):
     """What a method caches; installs the hooks that implement it and returns their removers."""
 
@@ -31,3 +41,4 @@ class Plan:
     scope: Scope
     policy: StaticPolicy
     forecaster: Forecaster
+    extras: tuple[Extra, ...] = ()

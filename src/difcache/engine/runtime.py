@@ -28,6 +28,7 @@ class CacheRuntime:
         self.layout = layout
         self.plan = plan
         self.model: torch.nn.Module = layout.model
+        self.scheduler = scheduler  # the pipeline's scheduler, or None for a bare denoiser (read by plan extras)
         self.store = FeatureStore(plan.forecaster)
         self.stats = CacheStats(method, units=[UnitStats(u.name, u.kind) for u in plan.scope.units])
         self.unit_flops: list[int] = [0] * len(plan.scope.units)
@@ -49,6 +50,8 @@ class CacheRuntime:
         try:
             self._removers += self.plan.scope.install(self)
             self._removers.append(register(self.model, CacheRootHook(self), ROOT_HOOK))
+            for extra in self.plan.extras:
+                self._removers.append(extra(self))
         except Exception:
             self.remove()
             raise

@@ -119,7 +119,7 @@ class StepTracker:
         self._run_open = False
         self._branches_in_step: set[str] = set()
         self._scheduler: Any = None
-        self._scheduler_originals: dict[str, Callable] = {}
+        self._scheduler_originals: dict[str, tuple[Any, Callable | None]] = {}
         self._shape_key: tuple | None = None
         self._last_timestep: float | None = None
         self._run_listeners: list[Callable[[], None]] = []
@@ -172,14 +172,21 @@ class StepTracker:
             if original is None:
                 continue
             # Instance attribute, not a class patch: other schedulers of the same class are untouched.
-            self._scheduler_originals[name] = original
-            setattr(scheduler, name, _chain(original, replacement))
+            wrapper = _chain(original, replacement)
+            self._scheduler_originals[name] = (wrapper, vars(scheduler).get(name))
+            setattr(scheduler, name, wrapper)
 
     def _unwrap_scheduler(self) -> None:
-        for name in self._scheduler_originals:
-            # The originals are bound methods of the class; deleting the instance attribute restores them.
-            scheduler_dict = vars(self._scheduler)
-            scheduler_dict.pop(name, None)
+        """Undo the wrappers; one that something else has wrapped since is made a pass-through instead, so the
+        later layer keeps working and nothing above it is dropped."""
+        for name, (wrapper, previous) in self._scheduler_originals.items():
+            if vars(self._scheduler).get(name) is wrapper:
+                if previous is None:
+                    delattr(self._scheduler, name)
+                else:
+                    setattr(self._scheduler, name, previous)
+            else:
+                wrapper.after = None
         self._scheduler_originals.clear()
         self._scheduler = None
 
@@ -263,12 +270,16 @@ class StepTracker:
 
 
 def _chain(original: Callable, after: Callable) -> Callable:
+    """``original`` followed by ``after``; setting ``wrapper.after = None`` turns it into a pass-through."""
+
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
-        after(*args, **kwargs)
+        if wrapper.after is not None:
+            wrapper.after(*args, **kwargs)
         return result
 
+    wrapper.after = after
     return wrapper
 
 

@@ -1,8 +1,9 @@
 """Methods: one file each, a config with the paper's defaults and a registered ``build``."""
 
-from difcache.methods import always_compute, delta_dit, fora, taylorseer, teacache  # noqa: F401  (registration)
+from difcache.methods import always_compute, delta_dit, ertacache, fora, taylorseer, teacache  # noqa: F401  (registration)
 from difcache.methods.always_compute import AlwaysComputeConfig
 from difcache.methods.delta_dit import DeltaDiTConfig
+from difcache.methods.ertacache import ERTACacheConfig
 from difcache.methods.fora import FORAConfig
 from difcache.methods.registry import (
     list_methods,
@@ -17,6 +18,7 @@ from difcache.methods.teacache import TeaCacheConfig
 __all__ = [
     "AlwaysComputeConfig",
     "DeltaDiTConfig",
+    "ERTACacheConfig",
     "FORAConfig",
     "TaylorSeerConfig",
     "TeaCacheConfig",
