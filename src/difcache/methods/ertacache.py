@@ -17,7 +17,8 @@ that multiplies it). Three parts answer them:
     ``"max"``: every sample is), so the walk is one walk and ``c`` is the same for all samples. Merging
     per-prompt sets after independent walks (intersection, majority) would not be self-consistent, because
     each walk's later decisions depend on its own computed steps. The error is measured on the image stream.
-(b) **Trajectory-aware timestep adjustment** (:class:`TimestepAdjustment`). On a reused step the Euler step is
+(b) **Trajectory-aware timestep adjustment** (:mod:`difcache.methods.ertacache_timesteps`).
+On a reused step the Euler step is
     shrunk to ``φ_i·s·Δσ_i``, on a computed one it is ``s·Δσ_i``, where ``s = σ̂/σ_i`` rescales the default
     step by the remaining budget (σ̂: where the adjusted sampler actually is). This is the paper's
     ``Δt_c = (1 − Σ_{j≤i} Δt_j)/(1 − i/T)`` written for non-uniform (shifted) sigma schedules: the remaining
@@ -79,35 +80,30 @@ Usage::
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.hooks import ModelHook
 
 from difcache.adapters.layout import Layout
 from difcache.calibration import CalibrationSession, subsample
 from difcache.config import CacheConfig, check_choice, check_float, check_int
-from difcache.engine.hooks import register
 from difcache.engine.plan import Plan
 from difcache.engine.range_scope import BlockRangeScope, _Streams
 from difcache.errors import DifcacheError
 from difcache.forecasters.rectified import RectifiedForecaster, fit_rectification, from_paper, to_paper
 from difcache.forecasters.reuse import ReuseForecaster
+from difcache.methods.ertacache_timesteps import TimestepAdjustment
 from difcache.methods.registry import register_calibrator, register_method
 from difcache.policies.step_set import StepSetSchedule
 from difcache.profile import Profile
 
 if TYPE_CHECKING:
-    from difcache.engine.runtime import CacheRuntime
+    pass
 
 MERGES = ("mean", "max")
-_TIME_HOOK = "difcache_ertacache_time"
 # Paper thresholds (Wan2.1-1.3B, FLUX at 30 steps, CogVideoX); other families use the generic default (ours).
 _PRESETS: dict[str, dict[str, Any]] = {
     "wan": {"threshold": 0.08},
@@ -258,170 +254,6 @@ def step_factors(
             values.append(min(max(1.0 - ratio, 0.0), 1.0))
         phi.append(sum(values) / len(values))
     return phi
-
-
-# ---------------------------------------------------------------------------------------------- timestep adjustment
-class _Clock:
-    """Where the adjusted sampler is (σ̂) against the scheduler's default sigmas, for one run."""
-
-    def __init__(self) -> None:
-        self.sigmas: list[float] = []
-        self.sigma_hat = 0.0
-        self.deviated = False
-        self.have_state = False  # a computed step happened in this run, so a scheduled reuse really reuses
-
-    def start(self, sigmas: list[float], index: int) -> None:
-        self.sigmas, self.sigma_hat, self.deviated = sigmas, sigmas[index], False
-
-    def ratio(self, index: int) -> float:
-        """σ̂ / σ_index: 1.0 exactly while nothing was adjusted."""
-        if not self.deviated or index >= len(self.sigmas) or self.sigmas[index] == 0.0:
-            return 1.0
-        return self.sigma_hat / self.sigmas[index]
-
-    def advance(self, index: int, phi: float) -> float | None:
-        """Take step ``index`` with factor φ; the adjusted Δσ, or ``None`` when it is the default step."""
-        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
-        if not self.deviated and phi == 1.0:
-            self.sigma_hat = sigma_next
-            return None
-        if sigma_next == 0.0 and phi == 1.0:
-            delta = -self.sigma_hat  # the last step spends exactly what is left
-        else:
-            delta = phi * (self.sigma_hat / sigma) * (sigma_next - sigma)
-        self.sigma_hat += delta
-        self.deviated = True
-        return delta
-
-
-def check_flow_scheduler(scheduler: Any) -> None:
-    """Raise unless ``scheduler`` takes deterministic Euler steps on a flow-matching sigma schedule."""
-    if scheduler is None:
-        raise DifcacheError(
-            "ERTACache's timestep adjustment wraps the pipeline's scheduler, but apply_cache got a bare denoiser; "
-            "pass the pipeline, or adjust_timesteps=False."
-        )
-    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        raise DifcacheError(
-            f"ERTACache's timestep adjustment rescales Euler steps of a flow-matching sampler, and "
-            f"{type(scheduler).__name__} is not a FlowMatchEulerDiscreteScheduler; set pipe.scheduler = "
-            "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) or pass adjust_timesteps=False."
-        )
-    if getattr(scheduler.config, "stochastic_sampling", False):
-        raise DifcacheError(
-            "ERTACache's timestep adjustment needs deterministic Euler steps, but the scheduler has "
-            "stochastic_sampling=True; disable it or pass adjust_timesteps=False."
-        )
-
-
-class _ModelTimeHook(ModelHook):
-    """Rescales the denoiser's ``timestep`` argument by σ̂/σ_i once the trajectory was adjusted."""
-
-    def __init__(self, scheduler: Any, clock: _Clock, position: int | None) -> None:
-        super().__init__()
-        self.scheduler, self.clock, self.position = scheduler, clock, position
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        if not self.clock.deviated or self.scheduler.step_index is None:
-            return args, kwargs
-        ratio = self.clock.ratio(self.scheduler.step_index)
-        if ratio == 1.0:
-            return args, kwargs
-        if "timestep" in kwargs:
-            kwargs["timestep"] = kwargs["timestep"] * ratio
-        elif self.position is not None and len(args) > self.position:
-            args = (*args[: self.position], args[self.position] * ratio, *args[self.position + 1 :])
-        return args, kwargs
-
-
-@dataclass(frozen=True)
-class TimestepAdjustment:
-    """A plan extra (see :mod:`difcache.engine.plan`) that installs part (b) on ``runtime.scheduler``.
-
-    Args:
-        reuse: the reuse set, ``reuse[step]``.
-        phi: φ per step (1 on computed steps).
-        model_time: also rescale the denoiser's timestep argument (see the module docstring).
-    """
-
-    reuse: tuple[bool, ...]
-    phi: tuple[float, ...]
-    model_time: bool = False
-
-    def install(self, runtime: CacheRuntime) -> Callable[[], None]:
-        scheduler = runtime.scheduler
-        check_flow_scheduler(scheduler)
-        clock = _Clock()
-        removers = [self._wrap_step(scheduler, runtime, clock)]
-        removers.append(runtime.tracker.on_new_run(lambda: setattr(clock, "have_state", False)))
-        if self.model_time:
-            position = _timestep_position(runtime.model)
-            removers.append(register(runtime.model, _ModelTimeHook(scheduler, clock, position), _TIME_HOOK))
-
-        def remove() -> None:
-            for remover in reversed(removers):
-                remover()
-
-        return remove
-
-    def _wrap_step(self, scheduler: Any, runtime: CacheRuntime, clock: _Clock) -> Callable[[], None]:
-        inner = scheduler.step  # the class's method, or another wrapper (the step tracker's) to compose with
-        had_own = "step" in vars(scheduler)
-        active = [True]
-        reuse, phi = self.reuse, self.phi
-
-        @functools.wraps(inner)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if not active[0]:
-                return inner(*args, **kwargs)
-            model_output, timestep, sample = _step_arguments(args, kwargs)
-            index = scheduler.step_index
-            if index is None:  # first step of a run (set_timesteps resets the index)
-                begin = scheduler.begin_index
-                index = begin if begin is not None else scheduler.index_for_timestep(timestep)
-                clock.start(scheduler.sigmas.tolist(), index)
-            i = runtime.tracker.step
-            reused = i < len(reuse) and reuse[i] and clock.have_state
-            clock.have_state = True
-            delta = clock.advance(index, phi[i] if reused else 1.0)
-            result = inner(*args, **kwargs)
-            if delta is None:
-                return result
-            if kwargs.get("per_token_timesteps") is not None:
-                raise DifcacheError("ERTACache cannot adjust per-token timesteps; pass adjust_timesteps=False.")
-            prev = (sample.float() + delta * model_output.float()).to(model_output.dtype)
-            if isinstance(result, tuple):
-                return (prev, *result[1:])
-            result.prev_sample = prev
-            return result
-
-        scheduler.step = step  # instance attribute: other schedulers of the class are untouched
-
-        def remove() -> None:
-            # On top: put back exactly what was there. Below another wrapper (installed later, still active):
-            # become a pass-through, so removal in any order leaves a working chain.
-            active[0] = False
-            if vars(scheduler).get("step") is step:
-                if had_own:
-                    scheduler.step = inner
-                else:
-                    del vars(scheduler)["step"]
-
-        return remove
-
-
-def _step_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    names = ("model_output", "timestep", "sample")
-    values = [args[k] if k < len(args) else kwargs[name] for k, name in enumerate(names)]
-    return values[0], values[1], values[2]
-
-
-def _timestep_position(module: torch.nn.Module) -> int | None:
-    try:
-        params = list(inspect.signature(type(module).forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("timestep") - 1 if "timestep" in params else None
 
 
 # ---------------------------------------------------------------------------------------------- build / calibrate
