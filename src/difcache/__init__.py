@@ -15,6 +15,7 @@ from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import (
     AlwaysComputeConfig,
+    DeepCacheConfig,
     DeltaDiTConfig,
     ERTACacheConfig,
     FORAConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "CacheConfig",
     "CacheHandle",
     "CacheStats",
+    "DeepCacheConfig",
     "DeltaDiTConfig",
     "DifcacheError",
     "ERTACacheConfig",

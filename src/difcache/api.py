@@ -75,7 +75,8 @@ class CacheHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"CacheHandle({self.config!r}, {len(self.layout.units)} units, {state})"
+        units = len(self._runtime.plan.scope.units) if self._runtime is not None else "?"
+        return f"CacheHandle({self.config!r}, {units} units, {state})"
 
 
 def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", /, **overrides: Any) -> CacheHandle:
@@ -109,6 +110,11 @@ def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", /, **over
     except DifcacheError as err:
         raise DifcacheError(f"apply_cache({method!r}) on {type(model).__name__}: {err}") from None
     plan = method_spec(config).build(config, layout)
+    if not plan.scope.units:  # never report caching as enabled when nothing would be hooked
+        raise DifcacheError(
+            f"{config.method!r} finds nothing to cache in {type(model).__name__}; for UNets without transformer "
+            "blocks use method='deepcache', or register an adapter with difcache.register_adapter(...)."
+        )
     runtime = CacheRuntime(config.method, layout, plan, scheduler)
     runtime.install()
     handle = CacheHandle(runtime, config)

@@ -7,6 +7,7 @@ or adds afterwards, so caching it and recomputing the gate every step is what FO
 from __future__ import annotations
 
 from difcache.adapters.registry import block_adapter, register_adapter
+from difcache.adapters.unet import unet_adapter
 
 _BASIC = {"attn1": "attn", "attn2": "cross_attn", "ff": "ffn"}  # BasicTransformerBlock (DiT, PixArt, UNet)
 
@@ -46,7 +47,10 @@ register_adapter(
     "LTXVideoTransformer3DModel",
     block_adapter("ltx", ["transformer_blocks"], {"attn1": "attn", "attn2": "cross_attn", "ff": "ffn"}),
 )
+# UNets: transformer-block units (FORA, TaylorSeer) plus the skip branches (DeepCache). UNet2DModel has no
+# BasicTransformerBlocks, so only skip branches.
 register_adapter(
     "UNet2DConditionModel",
-    block_adapter("unet", [], _BASIC, block_classes=["BasicTransformerBlock"]),
+    unet_adapter("unet", block_adapter("unet", [], _BASIC, block_classes=["BasicTransformerBlock"])),
 )
+register_adapter("UNet2DModel", unet_adapter("unet2d"))

@@ -3,7 +3,7 @@
 A *unit* is what a step-level cache decides about: an attention or feed-forward sub-module whose output is
 taken *before* the block applies its gate (FORA, TaylorSeer, BAC), or a whole block where the paper caches
 the block output (FLUX single-stream blocks). Blocks are kept too, for methods whose scope is a range of
-blocks or the whole stack (Δ-DiT, TeaCache, ERTACache).
+blocks or the whole stack (Δ-DiT, TeaCache, ERTACache). UNets also list their *skip branches* (DeepCache).
 """
 
 from __future__ import annotations
@@ -44,6 +44,32 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class SkipBranch:
+    """One skip connection of a UNet: a down-path feature that an up-path layer concatenates to its input.
+
+    Branches are numbered in the order the UNet collects them (``down_block_res_samples``): 0 is the output of
+    ``conv_in``, then each down block's layers and downsampler. Up blocks consume them in reverse, so branch 0 is
+    the shallowest and the last one sits just above the mid block.
+
+    Attributes:
+        index: position in that order.
+        producer: qualified names of the down-path modules computing the feature (a resnet and its attention, a
+            downsampler, or ``conv_in``).
+        down_block: index into ``model.down_blocks`` of the producer (``None`` for ``conv_in``).
+        consumer: qualified names of the up-path layer taking it (a resnet and its attention).
+        up_block: index into ``model.up_blocks`` of the consumer.
+        up_layer: position of the consumer in its up block's ``resnets``.
+    """
+
+    index: int
+    producer: tuple[str, ...]
+    down_block: int | None
+    consumer: tuple[str, ...]
+    up_block: int
+    up_layer: int
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where the blocks and units of one denoiser are; built by an adapter (see ``adapters.registry``)."""
 
@@ -51,6 +77,7 @@ class Layout:
     model: torch.nn.Module = field(repr=False, compare=False)
     blocks: tuple[Block, ...]
     units: tuple[Unit, ...]
+    branches: tuple[SkipBranch, ...] = ()  # UNets only, shallowest first
 
     @property
     def fingerprint(self) -> str:

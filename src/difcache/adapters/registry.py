@@ -30,12 +30,15 @@ def registered_adapters() -> list[str]:
 
 
 def layout_of(model: torch.nn.Module) -> Layout:
-    """The layout of ``model`` from the first registered adapter along its class hierarchy."""
+    """The layout of ``model`` from the first registered adapter along its class hierarchy.
+
+    A layout must offer something to cache: units, or (UNets) skip branches.
+    """
     for cls in type(model).__mro__:
         adapter = _ADAPTERS.get(cls.__name__)
         if adapter is not None:
             layout = adapter(model)
-            if not layout.units:
+            if not layout.units and not layout.branches:
                 raise DifcacheError(
                     f"The {cls.__name__} adapter found no cacheable units in this model; nothing would be "
                     "cached. Check the model's block lists or register an adapter with "

@@ -1,0 +1,203 @@
+"""Train the bundled models on procedurally generated shapes (seeded, CPU, one thread each).
+
+    python scripts/train_bundled.py dit --steps 6000          # class-conditional pixel DiT, rectified flow
+    python scripts/train_bundled.py unet --steps 6000         # UNet2DModel, DDPM epsilon objective, DDIM sampling
+    python scripts/train_bundled.py classifier --steps 1500   # CNN on the same shapes: features for offline FID
+    python scripts/train_bundled.py video --steps 4000        # tiny Wan video DiT on moving shapes
+
+Writes ``src/difcache/models/weights/<name>.safetensors`` and ``<name>.json`` (model config and training
+facts), and under ``docs/models/``: a loss curve (CSV) and sample grids, the last one ``<name>_samples.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from difcache.models import bundled
+from difcache.models.shapes import CLASSES, make_clips, make_images, to_uint8_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "src" / "difcache" / "models" / "weights"
+DOCS = ROOT / "docs" / "models"
+
+
+def _batches(data: torch.Tensor, labels: torch.Tensor, batch: int, gen: torch.Generator):
+    while True:
+        index = torch.randint(len(data), (batch,), generator=gen)
+        x = data[index]
+        flip = torch.rand(batch, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+        yield x, labels[index]
+
+
+def _save(name: str, model: torch.nn.Module, extra: dict, tensors: dict | None = None) -> None:
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    state.update(tensors or {})
+    save_file(state, WEIGHTS / f"{name}.safetensors")
+    config = dict(model.config) if hasattr(model, "config") else {}
+    (WEIGHTS / f"{name}.json").write_text(json.dumps({"config": _jsonable(config), **extra}, indent=1))
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+
+
+def _train(name: str, model: torch.nn.Module, loss_fn, batches, steps: int, lr: float, sample_fn, every: int) -> dict:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * (0.1 + 0.9 * (1 - s / steps)))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    DOCS.mkdir(parents=True, exist_ok=True)
+    log = open(DOCS / f"{name}_loss.csv", "w")  # noqa: SIM115 (kept open for the whole run, flushed as it goes)
+    log.write("step,loss\n")
+    start, running = time.time(), None
+    for step in range(1, steps + 1):
+        model.train()
+        loss = loss_fn(model, *next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))  # EMA warm-up: early samples already reflect training
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            log.write(f"{step},{running:.5f}\n")
+            log.flush()
+        if step % every == 0 or step == steps:
+            print(f"[{name}] step {step}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
+            if sample_fn is not None:
+                saved = {k: v.clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(ema)
+                model.eval()
+                sample_fn(step)
+                model.load_state_dict(saved)
+    model.load_state_dict(ema)
+    model.eval()
+    return {"steps": steps, "final_loss": running, "seconds": round(time.time() - start), "lr": lr}
+
+
+def train_dit(steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    data, labels = make_images(24000, seed=seed)
+    model = bundled.build("dit")
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(m, x0, y):
+        t = torch.sigmoid(torch.randn(len(x0), generator=gen))  # logit-normal times, as in SD3's rectified flow
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        return F.mse_loss(m(xt, timestep=t * 1000, class_labels=y).sample, noise - x0)
+
+    def sample(step: int) -> None:
+        pipe = bundled.dit_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            [k % len(CLASSES) for k in range(16)], num_inference_steps=30, generator=torch.Generator().manual_seed(0)
+        ).images
+        to_uint8_grid(images, 8).save(DOCS / f"dit_samples_{step:05d}.png")
+        to_uint8_grid(images, 8).save(DOCS / "dit_samples.png")
+
+    facts = _train("dit", model, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, 500)
+    _save("dit", model, {"training": facts, "classes": CLASSES, "objective": "rectified flow (v = noise - x0)"})
+
+
+def train_unet(steps: int, seed: int) -> None:
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    data, labels = make_images(24000, seed=seed + 1)
+    model = bundled.build("unet")
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(m, x0, y):
+        t = torch.randint(0, 1000, (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        return F.mse_loss(m(noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+    def sample(step: int) -> None:
+        pipe = bundled.unet_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
+        to_uint8_grid(torch.from_numpy(images).permute(0, 3, 1, 2), 8).save(DOCS / "unet_samples.png")
+
+    facts = _train("unet", model, loss_fn, _batches(data, labels, 32, gen), steps, 4e-4, sample, 1000)
+    _save("unet", model, {"training": facts, "objective": "DDPM epsilon, 1000 linear-beta steps"})
+
+
+def train_classifier(steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    data, labels = make_images(12000, seed=seed + 2)
+    test, test_labels = make_images(1000, seed=seed + 3)
+    model = bundled.build("classifier")
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(m, x, y):
+        return F.cross_entropy(m(x + 0.1 * torch.randn(x.shape, generator=gen)), y)
+
+    facts = _train("classifier", model, loss_fn, _batches(data, labels, 64, gen), steps, 2e-3, None, 500)
+    with torch.no_grad():
+        accuracy = (model(test).argmax(1) == test_labels).float().mean().item()
+    print(f"[classifier] held-out accuracy {accuracy:.3f}")
+    _save("classifier", model, {"training": {**facts, "heldout_accuracy": accuracy}, "classes": CLASSES})
+
+
+def train_video(steps: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    data, labels = make_clips(6000, seed=seed + 4)
+    model = bundled.build("video")
+    embeddings = torch.nn.Parameter(torch.randn(len(CLASSES) + 1, 4, model.config.text_dim) * 0.5)
+    gen = torch.Generator().manual_seed(seed)
+    holder = torch.nn.ModuleDict({"model": model})
+    holder.register_parameter("class_embeddings", embeddings)
+
+    def loss_fn(h, x0, y):
+        y = torch.where(torch.rand(len(y), generator=gen) < 0.1, len(CLASSES), y)  # class dropout for CFG
+        t = torch.sigmoid(torch.randn(len(x0), generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+        v = h["model"](xt, timestep=t * 1000, encoder_hidden_states=h.class_embeddings[y], return_dict=False)[0]
+        return F.mse_loss(v, noise - x0)
+
+    def sample(step: int) -> None:
+        pipe = bundled.video_pipeline(model, embeddings.detach())
+        pipe.set_progress_bar_config(disable=True)
+        clips = pipe([0, 1, 2, 3], num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
+        frames = clips.permute(0, 2, 1, 3, 4).reshape(-1, 3, clips.shape[-2], clips.shape[-1])
+        to_uint8_grid(frames, clips.shape[2]).save(DOCS / "video_samples.png")
+
+    facts = _train("video", holder, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, max(500, steps // 6))
+    _save("video", model, {"training": facts, "classes": CLASSES}, {"class_embeddings": embeddings.detach().half()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=["dit", "unet", "classifier", "video"])
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"dit": train_dit, "unet": train_unet, "classifier": train_classifier, "video": train_video}[args.model](
+        args.steps, args.seed
+    )
+
+
+if __name__ == "__main__":
+    main()

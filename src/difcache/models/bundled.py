@@ -1,0 +1,124 @@
+"""The bundled models: their configs, how to build them, and how to load the shipped weights offline.
+
+Weights live in ``difcache/models/weights/<name>.safetensors`` (fp16) with ``<name>.json`` (config and training
+facts), made by ``scripts/train_bundled.py``. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+    WanTransformer3DModel,
+)
+from safetensors.torch import load_file
+
+from difcache.errors import DifcacheError
+from difcache.models.pipelines import ShapesDiTPipeline, ShapesVideoPipeline
+from difcache.models.shapes import CLASSES
+
+WEIGHTS = Path(__file__).parent / "weights"
+NAMES = ("dit", "unet", "video", "classifier")
+
+
+class ShapeClassifier(torch.nn.Module):
+    """A small CNN over 32×32 shapes; ``features`` (128-d) are the offline FID's feature space."""
+
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 32) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for out in (width, 2 * width, 4 * width):
+            layers += [torch.nn.Conv2d(channels, out, 3, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU()]
+            layers += [torch.nn.Conv2d(out, out, 3, padding=1, stride=2), torch.nn.SiLU()]
+            channels = out
+        self.body = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(channels, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 128]`` features of images in [-1, 1]."""
+        return self.body(images).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def build(name: str) -> torch.nn.Module:
+    """A freshly initialised model with the bundled architecture."""
+    if name == "dit":
+        return DiTTransformer2DModel(
+            sample_size=32, in_channels=3, out_channels=3, patch_size=4, num_layers=6, num_attention_heads=4,
+            attention_head_dim=32, num_embeds_ada_norm=len(CLASSES), norm_num_groups=32,
+        )  # fmt: skip
+    if name == "unet":
+        return UNet2DModel(
+            sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64, 96),
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        )  # fmt: skip
+    if name == "video":
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
+            text_dim=32, freq_dim=64, ffn_dim=256, num_layers=6, cross_attn_norm=True, rope_max_seq_len=64,
+        )  # fmt: skip
+    if name == "classifier":
+        return ShapeClassifier()
+    raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
+
+
+def dit_pipeline(model: DiTTransformer2DModel) -> ShapesDiTPipeline:
+    return ShapesDiTPipeline(model, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000))
+
+
+def unet_pipeline(model: UNet2DModel) -> DDIMPipeline:
+    return DDIMPipeline(model, DDIMScheduler(num_train_timesteps=1000))
+
+
+def video_pipeline(model: WanTransformer3DModel, class_embeddings: torch.Tensor) -> ShapesVideoPipeline:
+    return ShapesVideoPipeline(model, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), class_embeddings)
+
+
+def available() -> list[str]:
+    """Bundled models whose weights are present."""
+    return [n for n in NAMES if (WEIGHTS / f"{n}.safetensors").exists()]
+
+
+def info(name: str) -> dict:
+    """Config and training facts of a bundled model."""
+    return json.loads(_path(name, ".json").read_text())
+
+
+def _path(name: str, suffix: str) -> Path:
+    if name not in NAMES:
+        raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
+    path = WEIGHTS / f"{name}{suffix}"
+    if not path.exists():
+        raise DifcacheError(
+            f"The bundled {name!r} weights are missing ({path}); train them with "
+            f"`python scripts/train_bundled.py {name}`."
+        )
+    return path
+
+
+def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The bundled pipeline (``"dit"``, ``"unet"``, ``"video"``) or the classifier, loaded offline."""
+    state = load_file(_path(name, ".safetensors"))
+    extra = {k: state.pop(k) for k in [k for k in state if k == "class_embeddings"]}
+    model = build(name)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model = model.to(device=device, dtype=dtype).eval()
+    if name == "classifier":
+        return model
+    if name == "dit":
+        pipe = dit_pipeline(model)
+    elif name == "unet":
+        pipe = unet_pipeline(model)
+    else:
+        pipe = video_pipeline(model, extra["class_embeddings"].float())
+    return pipe.to(device)
