@@ -1,0 +1,111 @@
+"""``difcache demo``: the bundled DiT (and UNet), uncached and cached on the same seeds, side by side.
+
+Prints the measured speedup (interleaved medians), the ideal (FLOPs) speedup and PSNR/SSIM against the
+uncached images, and writes a PNG per model: uncached on top, cached below, the amplified difference last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+import difcache
+from difcache.eval.metrics import psnr, ssim
+from difcache.eval.timing import interleaved_medians
+from difcache.models import CLASSES, available, load
+from difcache.models.shapes import to_uint8_grid
+
+
+def _dit_call(pipe: Any, seeds: list[int], steps: int) -> torch.Tensor:
+    labels = [s % len(CLASSES) for s in seeds]
+    images = []
+    for seed, label in zip(seeds, labels, strict=True):
+        images.append(pipe([label], num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images)
+    return torch.cat(images)
+
+
+def _unet_call(pipe: Any, seeds: list[int], steps: int) -> torch.Tensor:
+    images = []
+    for seed in seeds:
+        out = pipe(
+            batch_size=1, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np"
+        )
+        images.append(torch.from_numpy(out.images).permute(0, 3, 1, 2))
+    return torch.cat(images)
+
+
+def _side_by_side(reference: torch.Tensor, cached: torch.Tensor, path: Path, title: str) -> None:
+    diff = ((cached - reference).abs() * 4).clamp(0, 1)
+    grid = to_uint8_grid(torch.cat([reference, cached, diff]), columns=len(reference))
+    scale = 4
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (grid.width + 130, grid.height + 24), "white")
+    canvas.paste(grid, (130, 24))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    row = grid.height // 3
+    for i, label in enumerate(("uncached", "cached", "|diff| x4")):
+        draw.text((4, 24 + i * row + row // 2 - 6), label, fill="black")
+    canvas.save(path)
+
+
+def _compare(
+    name: str, pipe: Any, call: Any, method: str, overrides: dict, seeds: list[int], steps: int, out: Path
+) -> dict:
+    pipe.set_progress_bar_config(leave=False, desc=f"{name}")
+    reference = call(pipe, seeds, steps)
+    handle = difcache.apply_cache(pipe, method, **overrides)
+    cached = call(pipe, seeds, steps)
+    stats = handle.stats()
+    handle.remove()
+    holder: dict[str, Any] = {}
+    medians = interleaved_medians(
+        {"uncached": lambda: call(pipe, seeds[:1], steps), "cached": lambda: call(pipe, seeds[:1], steps)},
+        repeats=3,
+        setup={"cached": lambda: holder.__setitem__("h", difcache.apply_cache(pipe, method, **overrides))},
+        teardown={"cached": lambda: holder.pop("h").remove()},
+    )
+    result = {
+        "model": name,
+        "method": method,
+        "config": stats.method,
+        "measured_speedup": medians["uncached"] / medians["cached"],
+        "ideal_speedup": stats.ideal_speedup,
+        "psnr": psnr(cached, reference),
+        "ssim": ssim(cached, reference),
+    }
+    title = (
+        f"{name} {steps} steps, {method}: measured {result['measured_speedup']:.2f}x, ideal "
+        f"{result['ideal_speedup']:.2f}x, PSNR {result['psnr']:.1f} dB, SSIM {result['ssim']:.3f}"
+    )
+    _side_by_side(reference, cached, out / f"demo_{name}.png", title)
+    print(title)
+    print(stats)
+    return result
+
+
+def run_demo(
+    method: str = "taylorseer",
+    unet_method: str = "deepcache",
+    steps: int = 50,
+    seeds: list[int] | None = None,
+    out: str | Path = "outputs/demo",
+    overrides: dict | None = None,
+    include_unet: bool = True,
+) -> list[dict]:
+    """Run the demo; returns one result dict per model and writes ``demo_<model>.png`` under ``out``."""
+    seeds = list(seeds or [0, 1, 2, 3])
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = [_compare("dit", load("dit"), _dit_call, method, overrides or {}, seeds, steps, out_dir)]
+    if include_unet:
+        if "unet" in available():
+            results.append(_compare("unet", load("unet"), _unet_call, unet_method, {}, seeds, steps, out_dir))
+        else:
+            print("The bundled UNet is not trained yet (python scripts/train_bundled.py unet): DiT only.")
+    written = ", ".join(str(out_dir / f"demo_{r['model']}.png") for r in results)
+    print(f"\nwrote {written}")
+    return results
