@@ -19,7 +19,7 @@ from typing import Any
 import diffusers as d
 import torch
 
-FAMILIES = ("dit", "pixart", "sd3", "flux", "wan", "hunyuanvideo", "cogvideox", "ltx", "sd15")
+FAMILIES = ("dit", "pixart", "sd3", "flux", "wan", "hunyuanvideo", "cogvideox", "ltx", "sd15", "sdxl")
 CFG_MODE = {
     "dit": "batched",
     "pixart": "batched",
@@ -30,6 +30,7 @@ CFG_MODE = {
     "cogvideox": "batched",
     "ltx": "batched",
     "sd15": "batched",
+    "sdxl": "batched",
 }
 
 
@@ -145,6 +146,15 @@ def _build(family: str, seed: int) -> d.DiffusionPipeline:
         return d.StableDiffusionPipeline(
             _vae_2d(), None, None, unet, _ddim(), None, None, requires_safety_checker=False
         )
+    if family == "sdxl":
+        unet = d.UNet2DConditionModel(
+            block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+            addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 16,
+            transformer_layers_per_block=(1, 2),
+        )  # fmt: skip
+        return d.StableDiffusionXLPipeline(_vae_2d(), None, None, None, None, unet, _ddim())
     raise ValueError(f"Unknown family {family!r}; one of {FAMILIES}.")
 
 
@@ -209,6 +219,13 @@ def tiny_call_kwargs(
             **common, "prompt_embeds": emb, "prompt_attention_mask": mask, "negative_prompt_embeds": torch.zeros_like(emb),
             "negative_prompt_attention_mask": mask, "guidance_scale": scale, "height": 32, "width": 32,
             "num_frames": 9, "output_type": "np",
+        }  # fmt: skip
+    if family == "sdxl":
+        emb, pooled = torch.randn(b, 6, 16, generator=g), torch.randn(b, 16, generator=g)
+        return {
+            **common, "prompt_embeds": emb, "pooled_prompt_embeds": pooled, "guidance_scale": scale,
+            "negative_prompt_embeds": torch.zeros_like(emb), "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+            "height": 16, "width": 16, "output_type": "np",
         }  # fmt: skip
     if family == "sd15":
         emb = torch.randn(b, 6, 16, generator=g)
