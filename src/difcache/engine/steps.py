@@ -22,6 +22,11 @@ its position within the step ("call0", "call1"). Batched CFG is one call, so one
 
 One tracker is shared per denoiser by everything difcache installs on it (caches, sparse attention),
 reference-counted through :meth:`StepTracker.attach` / :meth:`StepTracker.detach`.
+
+A third source is **external**: a sampler that difcache does not drive through a diffusers scheduler (ComfyUI,
+whose step index comes from its sigma schedule) opens a run with :meth:`StepTracker.begin_external_run` and
+declares each call's step and branch with :meth:`StepTracker.set_step`; denoiser calls and scheduler methods
+then neither advance the step nor start runs until :meth:`StepTracker.end_external_run`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
+
+from difcache.errors import DifcacheError
 
 _TRACKER_ATTR = "_difcache_step_tracker"
 _STEP_HOOK = "difcache_steps"
@@ -92,7 +99,8 @@ class _StepHook(ModelHook):
         self.context = _ContextProbe()
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.tracker._on_call(args, kwargs, self.context)
+        if not self.tracker.external:  # an external source has set (or will set) the info itself
+            self.tracker._on_call(args, kwargs, self.context)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -101,7 +109,8 @@ class _StepHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         # Called by diffusers at the end of every pipeline call (maybe_free_model_hooks) on CacheMixin models.
-        self.tracker._end_run()
+        if not self.tracker.external:
+            self.tracker._end_run()
         return module
 
 
@@ -117,13 +126,14 @@ class StepTracker:
         self.call_in_step = 0
         self.info: StepInfo | None = None
         self._run_open = False
+        self.external = False  # steps come from begin_external_run / set_step, not from calls or a scheduler
         self._branches_in_step: set[str] = set()
         self._scheduler: Any = None
         self._scheduler_originals: dict[str, tuple[Any, Callable | None]] = {}
         self._shape_key: tuple | None = None
         self._last_timestep: float | None = None
         self._run_listeners: list[Callable[[], None]] = []
-        self._timestep_position = _timestep_position(module)
+        self._timestep_position = timestep_position(module)
         self._hook = _StepHook(self)
         registry = HookRegistry.check_if_exists_or_initialize(module)
         registry.register_hook(self._hook, _STEP_HOOK)
@@ -191,20 +201,49 @@ class StepTracker:
         self._scheduler = None
 
     def _after_set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        if self.external:
+            return
         self._end_run()
         timesteps = getattr(self._scheduler, "timesteps", None)
         self.num_steps = None if timesteps is None else len(timesteps)
         self._start_run(step=0)
 
     def _after_set_begin_index(self, begin_index: int = 0, *args: Any, **kwargs: Any) -> None:
-        if self._run_open and self.info is None:
+        if self._run_open and self.info is None and not self.external:
             self.step = int(begin_index)
 
     def _after_step(self, *args: Any, **kwargs: Any) -> None:
-        if self._run_open:
+        if self._run_open and not self.external:
             self.step += 1
             self.call_in_step = 0
             self._branches_in_step.clear()
+
+    # ------------------------------------------------------------------ external source
+    def begin_external_run(self, num_steps: int | None) -> None:
+        """Start a run whose step indices the caller reports with :meth:`set_step` (see the module docstring).
+
+        Run listeners fire as for any new run, so per-run state (feature stores) is dropped.
+        """
+        self._end_run()
+        self.external = True
+        self.num_steps = num_steps
+        self._start_run(step=0)
+
+    def set_step(self, step: int, branch: str, call_in_step: int = 0) -> StepInfo:
+        """Declare the step and CFG branch of the denoiser call about to run in the external run.
+
+        The info stays published until the denoiser's forward returns (or the next ``set_step``).
+        """
+        if not self.external:
+            raise DifcacheError("StepTracker.set_step() needs an external run: call begin_external_run(num_steps).")
+        self.step, self.call_in_step = step, call_in_step
+        self.info = StepInfo(self.run, step, self.num_steps, branch, call_in_step)
+        return self.info
+
+    def end_external_run(self) -> None:
+        """End the external run; calls are tracked from calls and the scheduler again."""
+        self.external = False
+        self._end_run()
 
     # ------------------------------------------------------------------ runs
     def _start_run(self, step: int) -> None:
@@ -290,7 +329,8 @@ def _shape_key(args: tuple, kwargs: dict) -> tuple:
     return tuple(tuple(t.shape) for t in tensors if t.dim() >= 3)
 
 
-def _timestep_position(module: torch.nn.Module) -> int | None:
+def timestep_position(module: torch.nn.Module) -> int | None:
+    """Index of ``timestep`` among the positional arguments of ``module.forward`` (None if it has none)."""
     try:
         params = list(inspect.signature(type(module).forward).parameters)
     except (TypeError, ValueError):

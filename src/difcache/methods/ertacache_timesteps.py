@@ -8,7 +8,6 @@ attribute, like the step tracker's), restored on removal; see :mod:`difcache.met
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.hooks import ModelHook
 
 from difcache.engine.hooks import register
+from difcache.engine.steps import timestep_position
 from difcache.errors import DifcacheError
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class TimestepAdjustment:
         removers = [self._wrap_step(scheduler, runtime, clock)]
         removers.append(runtime.tracker.on_new_run(lambda: setattr(clock, "have_state", False)))
         if self.model_time:
-            position = _timestep_position(runtime.model)
+            position = timestep_position(runtime.model)
             removers.append(register(runtime.model, _ModelTimeHook(scheduler, clock, position), _TIME_HOOK))
 
         def remove() -> None:
@@ -179,11 +179,3 @@ def _step_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any, torch
     names = ("model_output", "timestep", "sample")
     values = [args[k] if k < len(args) else kwargs[name] for k, name in enumerate(names)]
     return values[0], values[1], values[2]
-
-
-def _timestep_position(module: torch.nn.Module) -> int | None:
-    try:
-        params = list(inspect.signature(type(module).forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return params.index("timestep") - 1 if "timestep" in params else None
