@@ -119,3 +119,22 @@ def test_shape_change_between_calls(pipe):
         small, large = pipe(tokens=16), pipe(tokens=36)
         assert small.shape[1] == 16 and large.shape[1] == 36
         assert handle.stats().runs == 2
+
+
+def test_non_finite_forecast_recomputes_and_is_counted(pipe):
+    ff = pipe.transformer.transformer_blocks[0].ff
+    calls = {"n": 0}
+
+    def overflow_once(module, args, output):
+        calls["n"] += 1
+        return output * float("inf") if calls["n"] == 2 else output  # the second computed step overflows
+
+    hook = ff.net[-1].register_forward_hook(overflow_once)  # inside the unit, so the engine sees it
+    with difcache.apply_cache(pipe, "taylorseer", interval=3, warmup=1, order=1) as handle:
+        pipe(8)
+        stats = handle.stats()
+    hook.remove()
+    unit = next(u for u in stats.units if u.name == "transformer_blocks.0.ff")
+    assert unit.nonfinite_fallbacks > 0
+    assert unit.compute > min(u.compute for u in stats.units)  # it recomputed where the others forecast
+    assert sum(u.nonfinite_fallbacks for u in stats.units if u is not unit) == 0
