@@ -136,5 +136,6 @@ def test_non_finite_forecast_recomputes_and_is_counted(pipe):
     hook.remove()
     unit = next(u for u in stats.units if u.name == "transformer_blocks.0.ff")
     assert unit.nonfinite_fallbacks > 0
-    assert unit.compute > min(u.compute for u in stats.units)  # it recomputed where the others forecast
-    assert sum(u.nonfinite_fallbacks for u in stats.units if u is not unit) == 0
+    scheduled = sum(1 for s in range(8) if s < 1 or s % 3 == 0)
+    assert unit.compute == scheduled + unit.nonfinite_fallbacks  # each fallback was a recomputation
+    assert unit.forecast == 8 - unit.compute
