@@ -8,6 +8,12 @@ handle.remove()
 
 from difcache.adapters import block_adapter, register_adapter
 from difcache.api import CacheHandle, apply_cache, remove_cache
+from difcache.attention import (
+    SparseAttentionConfig,
+    SparseAttentionHandle,
+    SparseAttentionStats,
+    apply_sparse_attention,
+)
 from difcache.calibration import calibrate
 from difcache.config import CacheConfig
 from difcache.engine.actions import Action
@@ -40,9 +46,13 @@ __all__ = [
     "ERTACacheConfig",
     "FORAConfig",
     "Profile",
+    "SparseAttentionConfig",
+    "SparseAttentionHandle",
+    "SparseAttentionStats",
     "TaylorSeerConfig",
     "TeaCacheConfig",
     "apply_cache",
+    "apply_sparse_attention",
     "block_adapter",
     "calibrate",
     "list_methods",

@@ -1,0 +1,102 @@
+"""Attention kernels and their torch references, with the backend chosen by device.
+
+* ``block_sparse_attention*`` - attend to listed key blocks (:mod:`.block_sparse_attention`);
+* ``pyramid_sparse_attention*`` - listed key blocks at pooled levels of detail, PSA (:mod:`.pyramid_sparse_attention`);
+* ``block_sparse_attention_flex`` - the same through compiled FlexAttention (:mod:`.flex`).
+
+Backends: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"torch"`` (gathered blocks, any
+device), ``"flex"`` (compiled FlexAttention, block-sparse only), ``"reference"`` (dense fp32, O(N^2) memory),
+and ``"auto"``: Triton on CUDA when triton imports; on CPU compiled flex for block-sparse attention over at
+least ``FLEX_MIN_TOKENS`` tokens (it is the fastest CPU path there, but compiles for 5-25 s per new shape),
+the torch path otherwise and for PSA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difcache.errors import DifcacheError
+from difcache.kernels._common import interpreting, triton_available
+from difcache.kernels.block_sparse_attention import (
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    block_sparse_attention_torch,
+)
+from difcache.kernels.flex import block_sparse_attention_flex, flex_available
+from difcache.kernels.pyramid_sparse_attention import (
+    pyramid_sparse_attention,
+    pyramid_sparse_attention_reference,
+    pyramid_sparse_attention_torch,
+)
+
+BACKENDS = ("auto", "triton", "torch", "flex", "reference")
+FLEX_MIN_TOKENS = 4096
+
+__all__ = [
+    "BACKENDS",
+    "block_sparse_attention",
+    "block_sparse_attention_flex",
+    "block_sparse_attention_reference",
+    "block_sparse_attention_torch",
+    "interpreting",
+    "pyramid_sparse_attention",
+    "pyramid_sparse_attention_reference",
+    "pyramid_sparse_attention_torch",
+    "resolve_backend",
+    "sparse_attention",
+    "triton_available",
+]
+
+
+def resolve_backend(backend: str, device: torch.device, pyramid: bool, n_tokens: int) -> str:
+    """The concrete backend for ``backend`` (maybe ``"auto"``) on ``device``; raises if it cannot run there."""
+    if backend not in BACKENDS:
+        raise DifcacheError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}.")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and not pyramid and n_tokens >= FLEX_MIN_TOKENS and flex_available():
+            return "flex"
+        return "torch"
+    if backend == "flex" and pyramid:
+        raise DifcacheError(
+            "FlexAttention cannot read pooled PSA levels; use backend='torch' or 'triton' for psa."
+        )
+    if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
+        raise DifcacheError(
+            "backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before import, for tests); "
+            "use backend='auto'."
+        )
+    return backend
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    kv_lvl: torch.Tensor | None,
+    block_size: int,
+    backend: str,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to one concrete backend (not ``"auto"``); PSA when ``kv_lvl`` is given.
+
+    Returns ``(out, lse)``; compiled flex on CPU cannot return ``lse`` and gives ``None``.
+    """
+    if kv_lvl is not None:
+        fn = {
+            "triton": pyramid_sparse_attention,
+            "torch": pyramid_sparse_attention_torch,
+            "reference": pyramid_sparse_attention_reference,
+        }[backend]
+        return fn(q, k, v, kv_idx, kv_cnt, kv_lvl, block_size, scale)
+    if backend == "flex":
+        return block_sparse_attention_flex(q, k, v, kv_idx, kv_cnt, block_size, scale)
+    fn = {
+        "triton": block_sparse_attention,
+        "torch": block_sparse_attention_torch,
+        "reference": block_sparse_attention_reference,
+    }[backend]
+    return fn(q, k, v, kv_idx, kv_cnt, block_size, scale)

@@ -1,0 +1,300 @@
+"""Pyramid sparse attention forward (PSA): each listed key block is read at a level of detail.
+
+Pyramid Sparse Attention (Li et al., "PSA: Pyramid Sparse Attention for Efficient Video Understanding and
+Generation", arXiv:2512.04025) keeps the information of less important key blocks coarsely instead of
+dropping it: a (query block, key block) pair at level ``l`` attends to the block's keys and values
+mean-pooled by ``2**l`` (level 0 = full). A pooled key stands for ``c`` original keys (``c = 2**l``, fewer at
+the end of the sequence), so its score gets ``+ log(c)``: ``c * exp(q.k_mean)`` approximates the sum of the
+``c`` individual ``exp(q.k_i)``, and level 0 everywhere is exact attention.
+
+Format: the block lists of :mod:`difcache.kernels.block_sparse_attention` plus ``kv_lvl [B, H, M, K]`` (int,
+0..3) giving the level of each listed block. Pyramids are built once per call by :func:`kv_pyramid`.
+Returns ``(out [B, H, N, D], lse [B, H, N] fp32)`` like the block-sparse kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from difcache.errors import DifcacheError
+from difcache.kernels._common import (
+    check_launchable,
+    check_lists,
+    check_qkv,
+    expand_kv_heads,
+    jit,
+    pad_blocks,
+    tl,
+    triton,
+)
+from difcache.kernels.block_sparse_attention import gather_blocks, masked_softmax_av
+
+LEVELS = 4  # pooling factors 1, 2, 4, 8
+_LOG2E = 1.4426950408889634
+
+
+def pool_tokens(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each ``factor`` consecutive tokens: ``x [B, H, N, D]`` -> ``([B, H, ceil(N/f), D], log_count)``.
+
+    ``log_count [ceil(N/f)]`` (fp32) is the log of how many tokens each pooled one stands for (``log f``, less
+    for the last group of a sequence that ``f`` does not divide).
+    """
+    n = x.shape[2]
+    groups = math.ceil(n / factor)
+    counts = torch.full((groups,), float(factor), device=x.device)
+    counts[-1] = n - (groups - 1) * factor
+    if factor == 1:
+        return x, counts.log()
+    summed = pad_blocks(x.float(), factor).sum(dim=3)
+    return (summed / counts[:, None]).to(x.dtype), counts.log()
+
+
+def kv_pyramid(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values at every level, concatenated along the sequence: ``[B, Hk, N + N/2 + N/4 + N/8, D]``.
+
+    Also returns ``bias`` (fp32, same length): the ``log(count)`` score correction of every pooled key.
+    """
+    ks, vs, bias = [], [], []
+    for level in range(LEVELS):
+        kl, bl = pool_tokens(k, 2**level)
+        ks.append(kl)
+        vs.append(pool_tokens(v, 2**level)[0])
+        bias.append(bl)
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(bias)
+
+
+def check_levels(kv_lvl: torch.Tensor, kv_idx: torch.Tensor) -> None:
+    if kv_lvl.shape != kv_idx.shape:
+        raise DifcacheError(f"kv_lvl {tuple(kv_lvl.shape)} must match kv_idx {tuple(kv_idx.shape)}.")
+
+
+@jit
+def _psa_fwd(
+    Q, KP, VP, BIAS, O, LSE, IDX, LVL, CNT,  # noqa: N803
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_ib, stride_ih, stride_im,
+    stride_cb, stride_ch,
+    H, GROUP, N, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """One program: ``BLOCK_M`` query rows; each listed block is one tile of its level's pooled keys.
+
+    The level is a runtime value, the tile width a compile-time one, so the four levels are four unrolled
+    branches with tile widths ``BLOCK >> level`` (at least 16, the smallest ``tl.dot``; extra columns masked).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    row = (pid_m * BLOCK_M) // BLOCK
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        mask=offs_m[:, None] < N,
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
+    cnt = tl.load(CNT + b * stride_cb + h * stride_ch + row)
+    k_base = KP + b * stride_kb + hk * stride_kh
+    v_base = VP + b * stride_vb + hk * stride_vh
+    list_base = b * stride_ib + h * stride_ih + row * stride_im
+    for t in range(0, cnt):
+        j = tl.load(IDX + list_base + t)
+        lvl = tl.load(LVL + list_base + t)
+        offset = 0  # where this level starts in the concatenated pyramid
+        for lv in tl.static_range(4):
+            if lvl == lv:
+                WIDTH: tl.constexpr = BLOCK >> lv
+                TILE: tl.constexpr = WIDTH if WIDTH >= 16 else 16
+                n_lv = (N + (1 << lv) - 1) >> lv
+                cols = j * WIDTH + tl.arange(0, TILE)
+                valid = (tl.arange(0, TILE) < WIDTH) & (cols < n_lv)
+                pos = offset + cols
+                k = tl.load(
+                    k_base + pos[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0
+                )
+                if UPCAST:
+                    k = k.to(tl.float32)
+                if IEEE:  # noqa: SIM108 - a constexpr branch, kept as statements for triton
+                    s = tl.dot(q, k, input_precision="ieee")
+                else:
+                    s = tl.dot(q, k)
+                bias = tl.load(BIAS + pos, mask=valid, other=0.0)
+                s = tl.where(valid[None, :], s * qk_scale + bias[None, :] * 1.4426950408889634, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(
+                    v_base + pos[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0
+                )
+                if UPCAST:
+                    v = v.to(tl.float32)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            offset += (N + (1 << lv) - 1) >> lv
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
+    tl.store(LSE + pid_bh * N + offs_m, lse, mask=offs_m < N)
+
+
+def pyramid_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    kv_lvl: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton PSA forward; CUDA tensors run compiled, CPU tensors only under ``TRITON_INTERPRET=1``."""
+    interpret = check_launchable(q)
+    check_qkv(q, k, v, block_size)
+    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_levels(kv_lvl, kv_idx)
+    b, h, n, d = q.shape
+    if d < 16 or d & (d - 1):
+        raise ValueError(
+            f"The Triton kernel needs a power-of-two head dim >= 16, got {d}; use backend='torch'."
+        )
+    kp, vp, bias = kv_pyramid(k, v)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kp, vp = kp.contiguous(), vp.contiguous()
+    bias = bias.float().contiguous()
+    kv_idx, kv_cnt, kv_lvl = (x.to(torch.int32).contiguous() for x in (kv_idx, kv_cnt, kv_lvl))
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    block_m = block_size if interpret else min(block_size, 64)
+    scale = d**-0.5 if scale is None else scale
+    extra = {} if interpret else {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
+    _psa_fwd[(triton.cdiv(n, block_m), b * h)](
+        q, kp, vp, bias, out, lse, kv_idx, kv_lvl, kv_cnt,
+        q.stride(0), q.stride(1), q.stride(2),
+        kp.stride(0), kp.stride(1), kp.stride(2),
+        vp.stride(0), vp.stride(1), vp.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+        kv_cnt.stride(0), kv_cnt.stride(1),
+        h, h // k.shape[1], n, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK=block_size, BLOCK_M=block_m,
+        UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, **extra,
+    )  # fmt: skip
+    return out, lse
+
+
+def level_lists(
+    kv_idx: torch.Tensor, kv_cnt: torch.Tensor, kv_lvl: torch.Tensor, level: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-lists of the blocks listed at ``level``: ``(idx [B, H, M, K_l], cnt [B, H, M])``, stable order."""
+    width = kv_idx.shape[-1]
+    slot = torch.arange(width, device=kv_idx.device)
+    hit = (slot < kv_cnt[..., None]) & (kv_lvl == level)
+    order = torch.where(hit, slot, width + slot).argsort(dim=-1)  # hits first, in their original order
+    cnt = hit.sum(dim=-1)
+    k_l = int(cnt.max()) if cnt.numel() else 0
+    return kv_idx.gather(-1, order[..., :k_l]), cnt
+
+
+def pyramid_sparse_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    kv_lvl: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSA by gathering, per level, each row's pooled key blocks, then one softmax over all of them.
+
+    Cost is proportional to ``sum(2**-level)`` over the listed blocks. Computed in fp32 on CPU.
+    """
+    check_qkv(q, k, v, block_size)
+    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_levels(kv_lvl, kv_idx)
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    k, v = expand_kv_heads(k, h).to(compute), expand_kv_heads(v, h).to(compute)
+    qb = pad_blocks(q.to(compute), block_size) * scale  # [B, H, M, S, D]
+    scores, values, biases = [], [], []
+    for level in range(LEVELS):
+        idx, cnt = level_lists(kv_idx, kv_cnt, kv_lvl, level)
+        if idx.shape[-1] == 0:
+            continue
+        width = block_size >> level
+        kl, bias_l = pool_tokens(k, 2**level)
+        vl = pool_tokens(v, 2**level)[0]
+        n_l = kl.shape[2]
+        kg = gather_blocks(kl, idx, width)  # [B, H, M, K_l * width, D]
+        values.append(gather_blocks(vl, idx, width))
+        cols = idx.long()[..., None] * width + torch.arange(width, device=q.device)  # [B, H, M, K_l, width]
+        listed = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
+        valid = listed[..., None] & (cols < n_l)
+        bias = torch.where(valid, bias_l[cols.clamp_max(n_l - 1)], float("-inf")).flatten(3, 4)
+        biases.append(bias[:, :, :, None, :])
+        scores.append(qb @ kg.transpose(-1, -2))
+    m = qb.shape[2]
+    if not scores:
+        return torch.zeros_like(q), torch.full((b, h, n), float("-inf"), device=q.device)
+    s = torch.cat(scores, dim=-1).float()
+    bias = torch.cat(biases, dim=-1).expand(b, h, m, 1, -1)
+    out, lse = masked_softmax_av(s, torch.cat(values, dim=-2), None, bias)
+    return out.flatten(2, 3)[:, :, :n].to(q.dtype), lse.flatten(2, 3)[:, :, :n]
+
+
+def pyramid_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    kv_lvl: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense fp32 reference: every level's pooled keys side by side, a token mask per level, one softmax."""
+    check_qkv(q, k, v, block_size)
+    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_levels(kv_lvl, kv_idx)
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    m = math.ceil(n / block_size)
+    listed = torch.arange(kv_idx.shape[-1], device=q.device) < kv_cnt[..., None]
+    level_map = torch.full((b, h, m, m + 1), -1, dtype=torch.long, device=q.device)
+    level_map.scatter_(3, torch.where(listed, kv_idx.long(), m), kv_lvl.long())
+    level_map = level_map[..., :m]  # [B, H, M, Mk]: -1 = skipped
+    qf = q.float()
+    scores, values = [], []
+    for level in range(LEVELS):
+        kl, bias = pool_tokens(expand_kv_heads(k, h).float(), 2**level)
+        vl = pool_tokens(expand_kv_heads(v, h).float(), 2**level)[0]
+        mask = (level_map == level).repeat_interleave(block_size, 2)[:, :, :n]
+        mask = mask.repeat_interleave(block_size >> level, 3)[..., : kl.shape[2]]
+        s = (qf @ kl.transpose(-1, -2)) * scale + bias
+        scores.append(s.masked_fill(~mask, float("-inf")))
+        values.append(vl)
+    out, lse = masked_softmax_av(torch.cat(scores, dim=-1), torch.cat(values, dim=-2), None)
+    return out.to(q.dtype), lse

@@ -1,0 +1,173 @@
+"""Block-sparse attention: the torch (gathered) path and FlexAttention against the dense fp32 reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difcache.errors import DifcacheError
+from difcache.kernels import (
+    block_sparse_attention_flex,
+    block_sparse_attention_reference,
+    block_sparse_attention_torch,
+    resolve_backend,
+)
+from difcache.kernels.flex import block_mask_of
+
+torch.set_num_threads(1)
+
+
+def random_lists(b, h, n, block, density=None, seed=0):
+    """Random per-row block lists (random order, no repeats); counts from 0 to all, or ``density`` of the row."""
+    g = torch.Generator().manual_seed(seed)
+    m = math.ceil(n / block)
+    idx = torch.rand(b, h, m, m, generator=g).argsort(dim=-1).to(torch.int32)
+    if density is None:
+        cnt = torch.randint(0, m + 1, (b, h, m), generator=g).to(torch.int32)
+    else:
+        cnt = torch.full((b, h, m), round(density * m), dtype=torch.int32)
+    return idx, cnt
+
+
+def qkv(b, h, hk, n, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g)
+    k, v = torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def rel_rms(a, b):
+    return (
+        (a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12)
+    ).item()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 2), hk=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(1, 300),
+    d=st.sampled_from([8, 16, 60, 64]), block=st.sampled_from([16, 32, 64]), seed=st.integers(0, 10_000),
+)  # fmt: skip
+def test_torch_path_matches_reference(b, hk, group, n, d, block, seed):
+    h = hk * group
+    q, k, v = qkv(b, h, hk, n, d, seed=seed)
+    idx, cnt = random_lists(b, h, n, block, seed=seed)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block)
+    out, lse = block_sparse_attention_torch(q, k, v, idx, cnt, block)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)  # -inf where a row lists no block
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_path_half_precision(dtype):
+    q, k, v = qkv(2, 4, 2, 333, 64, dtype)
+    idx, cnt = random_lists(2, 4, 333, 64, seed=3)
+    ref, _ = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx, cnt, 64)
+    out, _ = block_sparse_attention_torch(q, k, v, idx, cnt, 64)
+    assert out.dtype == dtype
+    assert rel_rms(out, ref) < (5e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("n", [63, 128, 257])
+def test_density_one_is_dense_sdpa(n):
+    q, k, v = qkv(1, 2, 2, n, 32)
+    idx, cnt = random_lists(1, 2, n, 32, density=1.0)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    for fn in (block_sparse_attention_reference, block_sparse_attention_torch):
+        out, _ = fn(q, k, v, idx, cnt, 32)
+        torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-5)
+
+
+def test_density_zero_gives_zero_and_minus_inf():
+    q, k, v = qkv(1, 2, 2, 100, 16)
+    idx, cnt = random_lists(1, 2, 100, 32, density=0.0)
+    for fn in (block_sparse_attention_reference, block_sparse_attention_torch):
+        out, lse = fn(q, k, v, idx, cnt, 32)
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.isneginf(lse).all()
+
+
+def test_sparsity_is_real_not_a_mask_on_dense():
+    """Dropping a block must change exactly the rows that listed it."""
+    q, k, v = qkv(1, 1, 1, 256, 16)
+    idx, cnt = random_lists(1, 1, 256, 64, density=1.0)
+    full, _ = block_sparse_attention_torch(q, k, v, idx, cnt, 64)
+    cnt2 = cnt.clone()
+    cnt2[0, 0, 1] -= 1  # row 1 loses its last listed block
+    part, _ = block_sparse_attention_torch(q, k, v, idx, cnt2, 64)
+    changed = (part - full).abs().amax(dim=-1)[0, 0] > 1e-6
+    assert changed[64:128].all() and not changed[:64].any() and not changed[128:].any()
+
+
+def test_bad_inputs_raise_with_the_fix():
+    q, k, v = qkv(1, 2, 2, 100, 16)
+    idx, cnt = random_lists(1, 2, 100, 32)
+    with pytest.raises(DifcacheError, match="block_size"):
+        block_sparse_attention_torch(q, k, v, idx, cnt, 48)
+    with pytest.raises(DifcacheError, match="do not fit"):
+        block_sparse_attention_torch(q, k, v, idx[:, :, :2], cnt[:, :, :2], 32)
+    with pytest.raises(DifcacheError, match="B, H, N, D"):
+        block_sparse_attention_torch(q[0], k, v, idx, cnt, 32)
+
+
+def test_flex_block_mask_never_runs_dense_or_only_full():
+    """The two CPU traps: a mask without mask_mod runs dense; only-full-block masks fail to compile."""
+    idx, cnt = random_lists(1, 2, 300, 64, seed=1)
+    mask = block_mask_of(idx, cnt, 300, 64)
+    assert mask.mask_mod.__name__ == "lookup"
+    nonempty = cnt > 0
+    assert (mask.kv_num_blocks[nonempty] >= 1).all()  # every visited row keeps a partial block
+
+
+@pytest.mark.parametrize("n", [100, 256])
+def test_flex_eager_matches_reference(n):
+    q, k, v = qkv(2, 2, 1, n, 32)
+    idx, cnt = random_lists(2, 2, n, 64, seed=n)
+    cnt.clamp_(min=1)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 64)
+    out, lse = block_sparse_attention_flex(q, k, v, idx, cnt, 64, compiled=False)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_flex_extra_keys_equal_one_softmax_over_the_union():
+    q, k, v = qkv(1, 2, 2, 200, 16)
+    ek, ev = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    valid = torch.tensor([[True, False, True, True, False, True, True]])
+    idx, cnt = random_lists(1, 2, 200, 64, seed=5)
+    cnt.clamp_(min=1)
+    out, _ = block_sparse_attention_flex(q, k, v, idx, cnt, 64, compiled=False, extra_k=ek, extra_v=ev,
+                                         extra_valid=valid)  # fmt: skip
+    m = math.ceil(200 / 64)
+    block_mask = torch.zeros(1, 2, m, m, dtype=torch.bool)
+    for h in range(2):
+        for i in range(m):
+            block_mask[0, h, i, idx[0, h, i, : cnt[0, h, i]].long()] = True
+    token_mask = block_mask.repeat_interleave(64, 2).repeat_interleave(64, 3)[:, :, :200, :200]
+    full_mask = torch.cat([token_mask, valid[:, None, None, :].expand(1, 2, 200, 7)], dim=-1)
+    ref = F.scaled_dot_product_attention(q, torch.cat([k, ek], 2), torch.cat([v, ev], 2), attn_mask=full_mask)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_flex_compiled_matches_reference():
+    q, k, v = qkv(1, 2, 2, 384, 32)
+    idx, cnt = random_lists(1, 2, 384, 128, seed=7)
+    cnt.clamp_(min=1)
+    ref, _ = block_sparse_attention_reference(q, k, v, idx, cnt, 128)
+    out, lse = block_sparse_attention_flex(q, k, v, idx, cnt, 128, compiled=True)
+    assert lse is None  # compiled CPU flex cannot return it
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_backend_choice_by_device_and_override():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=100) == "torch"
+    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=8192) == "flex"
+    assert resolve_backend("auto", cpu, pyramid=True, n_tokens=8192) == "torch"
+    assert resolve_backend("reference", cpu, pyramid=True, n_tokens=10) == "reference"
+    with pytest.raises(DifcacheError, match="pooled PSA"):
+        resolve_backend("flex", cpu, pyramid=True, n_tokens=10)
+    with pytest.raises(DifcacheError, match="one of"):
+        resolve_backend("cuda-magic", cpu, pyramid=False, n_tokens=10)
