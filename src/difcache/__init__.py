@@ -21,6 +21,7 @@ from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import (
     AlwaysComputeConfig,
+    BACConfig,
     DeepCacheConfig,
     DeltaDiTConfig,
     ERTACacheConfig,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Action",
     "AlwaysComputeConfig",
+    "BACConfig",
     "CacheConfig",
     "CacheHandle",
     "CacheStats",

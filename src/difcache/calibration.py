@@ -9,6 +9,7 @@ asks for through forward hooks. Memory: recorded tensors can be subsampled to a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,14 +69,21 @@ class CalibrationSession:
         self.tracker.detach()
 
 
+@functools.lru_cache(maxsize=256)
+def _subsample_index(numel: int, max_entries: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + numel)
+    return torch.randperm(numel, generator=gen)[:max_entries]
+
+
 def subsample(tensor: torch.Tensor, max_entries: int = 16384, seed: int = 0) -> torch.Tensor:
-    """A fixed (seeded) subset of ``tensor``'s entries as fp32, the same for every call with the same size."""
-    flat = tensor.detach().reshape(-1).float()
+    """A fixed (seeded) subset of ``tensor``'s entries as fp32, the same for every call with the same size.
+
+    The index is drawn once per size (a full permutation of a large activation costs a third of a second).
+    """
+    flat = tensor.detach().reshape(-1)
     if flat.numel() <= max_entries:
-        return flat.clone()
-    gen = torch.Generator().manual_seed(seed + flat.numel())
-    index = torch.randperm(flat.numel(), generator=gen)[:max_entries].to(flat.device)
-    return flat[index]
+        return flat.float().clone()
+    return flat[_subsample_index(flat.numel(), max_entries, seed).to(flat.device)].float()
 
 
 def calibrate(

@@ -1,7 +1,8 @@
 """Methods: one file each, a config with the paper's defaults and a registered ``build``."""
 
-from difcache.methods import always_compute, deepcache, delta_dit, ertacache, fora, taylorseer, teacache  # noqa: F401  (registration)
+from difcache.methods import always_compute, bac, deepcache, delta_dit, ertacache, fora, taylorseer, teacache  # noqa: F401  (registration)
 from difcache.methods.always_compute import AlwaysComputeConfig
+from difcache.methods.bac import BACConfig
 from difcache.methods.deepcache import DeepCacheConfig
 from difcache.methods.delta_dit import DeltaDiTConfig
 from difcache.methods.ertacache import ERTACacheConfig
@@ -18,6 +19,7 @@ from difcache.methods.teacache import TeaCacheConfig
 
 __all__ = [
     "AlwaysComputeConfig",
+    "BACConfig",
     "DeepCacheConfig",
     "DeltaDiTConfig",
     "ERTACacheConfig",
