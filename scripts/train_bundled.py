@@ -24,6 +24,8 @@ from difcache.models import bundled
 from difcache.models.shapes import CLASSES, make_clips, make_images, to_uint8_grid
 
 ROOT = Path(__file__).resolve().parents[1]
+RESUME = False  # set by --resume: continue from the saved weights with a fresh learning-rate schedule
+PREVIOUS: list[dict] = []
 WEIGHTS = ROOT / "src" / "difcache" / "models" / "weights"
 DOCS = ROOT / "docs" / "models"
 
@@ -50,7 +52,11 @@ def _jsonable(config: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
 
 
-def _train(name: str, model: torch.nn.Module, loss_fn, batches, steps: int, lr: float, sample_fn, every: int) -> dict:
+def _train(
+    name: str, model: torch.nn.Module, loss_fn, batches, steps: int, lr: float, sample_fn, every: int, checkpoint=None
+) -> dict:
+    """AdamW with warm-up and linear decay, EMA weights; every ``every`` steps: samples and a checkpoint
+    (``checkpoint(facts)`` is called with the EMA weights loaded, so an interrupted run still leaves a model)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * (0.1 + 0.9 * (1 - s / steps)))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -79,11 +85,15 @@ def _train(name: str, model: torch.nn.Module, loss_fn, batches, steps: int, lr: 
             log.flush()
         if step % every == 0 or step == steps:
             print(f"[{name}] step {step}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
-            if sample_fn is not None:
+            if sample_fn is not None or checkpoint is not None:
                 saved = {k: v.clone() for k, v in model.state_dict().items()}
                 model.load_state_dict(ema)
                 model.eval()
-                sample_fn(step)
+                if sample_fn is not None:
+                    sample_fn(step)
+                if checkpoint is not None:
+                    checkpoint({"steps": step, "of_planned": steps, "final_loss": running,
+                                "seconds": round(time.time() - start), "lr": lr})  # fmt: skip
                 model.load_state_dict(saved)
     model.load_state_dict(ema)
     model.eval()
@@ -94,6 +104,12 @@ def train_dit(steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     data, labels = make_images(24000, seed=seed)
     model = bundled.build("dit")
+    if RESUME and (WEIGHTS / "dit.safetensors").exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(WEIGHTS / "dit.safetensors").items()})
+        previous = json.loads((WEIGHTS / "dit.json").read_text())["training"]
+        print(f"[dit] resuming from the saved weights ({previous['steps']} steps)", flush=True)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(m, x0, y):
@@ -111,8 +127,13 @@ def train_dit(steps: int, seed: int) -> None:
         to_uint8_grid(images, 8).save(DOCS / f"dit_samples_{step:05d}.png")
         to_uint8_grid(images, 8).save(DOCS / "dit_samples.png")
 
-    facts = _train("dit", model, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, 500)
-    _save("dit", model, {"training": facts, "classes": CLASSES, "objective": "rectified flow (v = noise - x0)"})
+    def save(facts: dict) -> None:
+        history = [*PREVIOUS, facts]
+        _save("dit", model, {"training": facts, "history": history, "classes": CLASSES,
+                             "objective": "rectified flow (v = noise - x0)"})  # fmt: skip
+
+    facts = _train("dit", model, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, 250, save)
+    save(facts)
 
 
 def train_unet(steps: int, seed: int) -> None:
@@ -137,7 +158,7 @@ def train_unet(steps: int, seed: int) -> None:
         ).images
         to_uint8_grid(torch.from_numpy(images).permute(0, 3, 1, 2), 8).save(DOCS / "unet_samples.png")
 
-    facts = _train("unet", model, loss_fn, _batches(data, labels, 32, gen), steps, 4e-4, sample, 1000)
+    facts = _train("unet", model, loss_fn, _batches(data, labels, 32, gen), steps, 4e-4, sample, 400)
     _save("unet", model, {"training": facts, "objective": "DDPM epsilon, 1000 linear-beta steps"})
 
 
@@ -192,7 +213,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="continue from the saved weights (dit only)")
     args = parser.parse_args()
+    global RESUME
+    RESUME = args.resume
+    if args.resume and (WEIGHTS / f"{args.model}.json").exists():
+        saved = json.loads((WEIGHTS / f"{args.model}.json").read_text())
+        PREVIOUS.extend(saved.get("history", [saved.get("training", {})]))
     torch.set_num_threads(args.threads)
     {"dit": train_dit, "unet": train_unet, "classifier": train_classifier, "video": train_video}[args.model](
         args.steps, args.seed
