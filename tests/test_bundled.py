@@ -1,0 +1,80 @@
+"""The bundled models load offline and run; each method keeps their outputs close to uncached."""
+
+import pytest
+import torch
+
+import difcache
+from difcache.eval.metrics import psnr
+from difcache.models import CLASSES, available, load
+from difcache.models.shapes import make_images
+
+needs = lambda name: pytest.mark.skipif(name not in available(), reason=f"bundled {name} weights missing")  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def dit():
+    pipe = load("dit")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _dit_images(pipe, steps=20):
+    return pipe([0, 1, 2, 3], num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+
+
+@needs("dit")
+def test_dit_runs_offline_with_expected_shape(dit):
+    images = _dit_images(dit, steps=3)
+    assert images.shape == (4, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+@needs("dit")
+@pytest.mark.parametrize(
+    ("method", "settings", "min_psnr"),
+    [
+        ("fora", {"interval": 2}, 28.0),
+        ("taylorseer", {"interval": 3, "order": 1, "warmup": 3}, 28.0),
+        ("delta_dit", {"interval": 2}, 24.0),
+        ("teacache", {"threshold": 0.3}, 20.0),
+    ],
+)
+def test_methods_stay_close_on_the_trained_dit(dit, method, settings, min_psnr):
+    reference = _dit_images(dit)
+    with difcache.apply_cache(dit, method, **settings) as handle:
+        cached = _dit_images(dit)
+        stats = handle.stats()
+    assert stats.ideal_speedup > 1.1
+    assert psnr(cached, reference) > min_psnr
+
+
+@needs("unet")
+def test_deepcache_on_the_trained_unet():
+    pipe = load("unet")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        out = pipe(batch_size=2, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np")
+        return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+    reference = run()
+    with difcache.apply_cache(pipe, "deepcache", cache_interval=2) as handle:
+        cached = run()
+        assert handle.stats().ideal_speedup > 1.3
+    assert psnr(cached, reference) > 20.0
+    assert torch.equal(run(), reference)
+
+
+@needs("classifier")
+def test_classifier_recognises_fresh_shapes():
+    model = load("classifier")
+    images, labels = make_images(200, seed=12345)
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.95
+    assert model.features(images[:2]).shape == (2, 128)
+    assert len(CLASSES) == model.head.out_features
+
+
+def test_missing_weights_error_names_the_training_command():
+    with pytest.raises(difcache.DifcacheError, match="scripts/train_bundled.py"):
+        load("video") if "video" not in available() else load("nope")
