@@ -160,3 +160,25 @@ def test_clip_score_matches_its_definition(tmp_path):
     assert scorer.compute() == pytest.approx(max(100 * cosine, 0.0), abs=1e-3)
     with pytest.raises(DifcacheError, match="config.json"):
         ClipScorer(tmp_path / "missing")
+
+
+def test_peak_call_memory_counts_live_bytes_views_included():
+    from difcache.eval.memory import peak_call_memory
+
+    mib = 1 << 18  # float32 elements in 1 MiB
+
+    def call():
+        a = torch.ones(mib)
+        view = a.view(-1)
+        del a  # the base tensor dies, its storage lives on through the view: still 1 MiB
+        b = view * 2
+        return b + 1  # 3 MiB at the peak (2 MiB if the view's storage were wrongly dropped)
+
+    assert peak_call_memory(call) == 3 * (1 << 20)
+
+    def chain():
+        x = torch.ones(mib)
+        for _ in range(10):
+            x = x * 2  # one buffer replaces another: the peak stays at 2 MiB
+
+    assert peak_call_memory(chain) == 2 * (1 << 20)
