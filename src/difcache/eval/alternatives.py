@@ -186,11 +186,31 @@ def _cache_dit(calibrated: bool) -> Callable[[Any, dict, int], Remove]:
             num_inference_steps=steps,
         )
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if calibrated else None
+        target = _cache_dit_target(pipe)
         with contextlib.redirect_stdout(io.StringIO()):
-            cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
-        return lambda: cache_dit.disable_cache(pipe)
+            cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
+        return lambda: cache_dit.disable_cache(target)
 
     return apply
+
+
+def _cache_dit_target(pipe: Any) -> Any:
+    """What to hand ``cache_dit.enable_cache``: the pipeline, or cache-dit's own adapter for its transformer.
+
+    cache-dit finds its adapters by the class-name prefix of the *official* pipeline (``DiTPipeline``), so it
+    refuses a custom pipeline around a transformer it supports (the bundled ``ShapesDiTPipeline`` around a
+    ``DiTTransformer2DModel``). We then call the adapter cache-dit registered for that transformer's family
+    (with its patch functor), which is what its error message asks for ("set BlockAdapter").
+    """
+    from cache_dit.caching.block_adapters.block_registers import BlockAdapterRegister
+
+    transformer = getattr(pipe, "transformer", None)
+    if BlockAdapterRegister.is_supported(pipe) or transformer is None:
+        return pipe
+    name = type(transformer).__name__
+    factories = BlockAdapterRegister._adapters  # cache-dit has no public lookup by transformer class
+    prefix = max((p for p in factories if name.startswith(p)), key=len, default=None)
+    return pipe if prefix is None else factories[prefix](pipe)
 
 
 # ---------------------------------------------------------------------------------------------- DeepCache package
