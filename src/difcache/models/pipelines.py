@@ -12,6 +12,8 @@ schedulers the standard way (``set_timesteps`` once, ``scheduler.step`` once per
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -69,6 +71,11 @@ class ShapesVideoPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
         self.class_embeddings = class_embeddings  # [num_classes + 1, tokens, text_dim]; the last row is "null"
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """diffusers' view of the ``__init__`` arguments; the embedding table is a tensor, not a registered module."""
+        return {"transformer": self.transformer, "scheduler": self.scheduler, "class_embeddings": self.class_embeddings}
 
     @torch.no_grad()
     def __call__(
