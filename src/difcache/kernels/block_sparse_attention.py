@@ -203,6 +203,12 @@ def block_sparse_attention_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention by gathering each row's key blocks: exact, cost proportional to kept blocks.
 
+    Each query block with its gathered key blocks is one small dense attention problem. On CPU these run
+    batched through ATen's fused flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``,
+    which also returns the LSE), with an additive mask only where a row lists fewer blocks than the widest
+    row or the last block is partial: no ``[.., S, K*S]`` score tensor is ever materialised. Elsewhere (CUDA
+    without Triton) scores, masked softmax and ``P @ V`` are computed explicitly.
+
     fp16/bf16 inputs are computed in fp32 on CPU (CPU half matmuls are slow and inexact) and in their own
     dtype with fp32 softmax statistics elsewhere. Heads are processed ``heads_per_chunk`` at a time to bound
     the gathered memory (``~ density * N^2 * D / block_size`` per head).
@@ -221,17 +227,41 @@ def block_sparse_attention_torch(
     for h0 in range(0, h, heads_per_chunk):
         hs = slice(h0, min(h, h0 + heads_per_chunk))
         idx = kv_idx[:, hs].long()
-        qb = pad_blocks(q[:, hs], block_size).to(compute) * scale  # [B, h, M, S, D]
+        qb = pad_blocks(q[:, hs], block_size).to(compute)  # [B, h, M, S, D]
         kg = gather_blocks(k[:, hs].to(compute), idx, block_size)  # [B, h, M, K*S, D]
         vg = gather_blocks(v[:, hs].to(compute), idx, block_size)
         listed = slot < kv_cnt[:, hs, :, None]  # [B, h, M, K]
         in_seq = idx[..., None] * block_size + token < n  # [B, h, M, K, S]
         valid = (listed[..., None] & in_seq).flatten(3, 4)[:, :, :, None, :]  # [B, h, M, 1, K*S]
-        s = qb @ kg.transpose(-1, -2)
-        o, l_ = masked_softmax_av(s.float() if compute != torch.float32 else s, vg, valid)
+        if q.device.type == "cpu":
+            o, l_ = _fused_block_attention(qb, kg, vg, valid, scale)
+        else:
+            s = (qb * scale) @ kg.transpose(-1, -2)
+            o, l_ = masked_softmax_av(s.float() if compute != torch.float32 else s, vg, valid)
         out[:, hs] = o.flatten(2, 3)[:, :, :n].to(q.dtype)
         lse[:, hs] = l_.flatten(2, 3)[:, :, :n]
     return out, lse
+
+
+def _fused_block_attention(
+    qb: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, valid: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 CPU: ``qb [B, h, M, S, D]`` against ``kg``/``vg [B, h, M, K*S, D]``, keys masked by
+    ``valid [B, h, M, 1, K*S]``; returns ``(out [B, h, M, S, D], lse [B, h, M, S])`` through ATen's fused CPU
+    flash attention, one problem per query block. Rows with no valid key give 0 and ``-inf`` like the others."""
+    shape = qb.shape
+    rows = shape[0] * shape[1] * shape[2]
+    q3, k3, v3 = (x.reshape(rows, 1, x.shape[3], x.shape[4]) for x in (qb, kg, vg))
+    valid = valid.reshape(rows, 1, 1, -1)
+    mask = None
+    if not bool(valid.all()):  # ATen wants an additive mask of q's dtype; skip it when nothing is masked
+        mask = torch.zeros(valid.shape, dtype=q3.dtype).masked_fill_(~valid, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q3, k3, v3, attn_mask=mask, scale=scale)
+    lse = lse.reshape(shape[:4])
+    empty = ~valid.reshape(*shape[:3], -1).any(-1)  # fully masked rows: ATen returns out 0 but lse 0
+    if bool(empty.any()):
+        lse = lse.masked_fill(empty[..., None], float("-inf"))
+    return out.reshape(shape), lse
 
 
 def block_sparse_attention_reference(
