@@ -7,14 +7,8 @@ import difcache
 from difcache.attention import apply_sparse_attention
 from difcache.attention.runtime import SparseRuntime
 from difcache.errors import DifcacheError
-
-try:  # the shared tiny pipelines; older checkouts have them in testing.families
-    from difcache.testing.tiny import tiny_call_kwargs as _call_kwargs
-    from difcache.testing.tiny import tiny_pipeline
-except ImportError:
-    from difcache.testing.families import tiny_call_kwargs as _call_kwargs
-    from difcache.testing.families import tiny_pipeline
-from difcache.testing.families import output_of
+from difcache.testing.families import output_of, tiny_pipeline
+from difcache.testing.families import tiny_call_kwargs as _call_kwargs
 
 torch.set_num_threads(1)
 
