@@ -50,9 +50,8 @@ class TaylorForecaster:
             for k in range(self.order):
                 if k >= len(state.factors) or distance <= 0:
                     break
-                new.append(
-                    [None if n is None else (n - o) / distance for n, o in zip(new[k], state.factors[k], strict=True)]
-                )
+                pairs = zip(new[k], state.factors[k], strict=True)
+                new.append([None if n is None else torch.sub(n, o).div_(distance) for n, o in pairs])
         dtypes = [None if t is None else t.dtype for t in value]
         # One reduction instead of an elementwise pass: a sum is non-finite iff an entry is (or it overflows,
         # which errs on the safe side: the unit is recomputed).
