@@ -74,7 +74,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             makers.append(alternative_variant(name, **setting) if "-" in name else difcache_variant(name, **setting))
     else:
         makers = default_variants(args.model)
-    report = run_bench(target, makers, repeats=args.repeats)
+    report = run_bench(target, makers, repeats=args.repeats, fid_samples=args.fid_samples)
     out = write_report(report, args.out)
     print(markdown_table(report))
     print(f"\nwrote {out}/bench.json, bench.md and the Pareto plots")
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument(
+        "--fid-samples", type=int, default=128,
+        help="images per variant for FID with the bundled classifier (bundled dit/unet only; 0 = off)",
+    )  # fmt: skip
     bench.add_argument("--out", default="runs/bench")
     bench.set_defaults(fn=_cmd_bench)
 

@@ -40,7 +40,7 @@ def _unet_call(pipe: Any, seeds: list[int], steps: int) -> torch.Tensor:
 def _side_by_side(reference: torch.Tensor, cached: torch.Tensor, path: Path, title: str) -> None:
     diff = ((cached - reference).abs() * 4).clamp(0, 1)
     grid = to_uint8_grid(torch.cat([reference, cached, diff]), columns=len(reference))
-    scale = 4
+    scale = max(1, 128 // reference.shape[-1])  # 16 px -> 128 px: big enough to judge by eye
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (grid.width + 130, grid.height + 24), "white")
     canvas.paste(grid, (130, 24))

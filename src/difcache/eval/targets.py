@@ -24,22 +24,35 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
     if name == "dit":
         pipe = load("dit")
         pipe.set_progress_bar_config(disable=True)
+        size = pipe.transformer.config.sample_size
 
-        def call(seed: int) -> torch.Tensor:
-            labels = [(seed + k) % len(CLASSES) for k in range(4)]
+        def dit_images(labels: list[int], seed: int) -> torch.Tensor:
             return pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images
 
-        return BenchTarget("bundled DiT (32x32 pixels, 6 blocks, batched CFG 3.0)", pipe, call, steps, seeds)
+        def call(seed: int) -> torch.Tensor:
+            return dit_images([(seed + k) % len(CLASSES) for k in range(4)], seed)
+
+        def sample(n: int) -> torch.Tensor:
+            return dit_images([k % len(CLASSES) for k in range(n)], _FID_SEED)
+
+        return BenchTarget(
+            f"bundled DiT ({size}x{size} pixels, 6 blocks, batched CFG 3.0)", pipe, call, steps, seeds,
+            sample, lambda n: _real_images(n, size),
+        )  # fmt: skip
     if name == "unet":
         pipe = load("unet")
         pipe.set_progress_bar_config(disable=True)
 
-        def call(seed: int) -> torch.Tensor:
-            out = pipe(batch_size=4, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+        def unet_images(n: int, seed: int) -> torch.Tensor:
+            out = pipe(batch_size=n, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                        output_type="np")  # fmt: skip
             return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
-        return BenchTarget("bundled UNet2DModel (32x32, DDIM)", pipe, call, steps, seeds)
+        size = pipe.unet.config.sample_size
+        return BenchTarget(
+            f"bundled UNet2DModel ({size}x{size}, DDIM)", pipe, lambda seed: unet_images(4, seed), steps, seeds,
+            lambda n: unet_images(n, _FID_SEED), lambda n: _real_images(n, size),
+        )  # fmt: skip
     if name == "video":
         pipe = load("video")
         pipe.set_progress_bar_config(disable=True)
@@ -63,6 +76,15 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
 
         return BenchTarget(f"tiny random {family} pipeline", pipe, call, steps, seeds)
     raise DifcacheError(f"Unknown bench model {name!r}; use dit, unet, video or tiny:<family>.")
+
+
+_FID_SEED = 10_000  # FID samples use seeds and real images disjoint from the bench calls and the training data
+
+
+def _real_images(n: int, size: int) -> torch.Tensor:
+    from difcache.models import make_images
+
+    return (make_images(n, size=size, seed=_FID_SEED)[0] + 1) / 2
 
 
 def calibration_calls(name: str, n: int) -> list[dict[str, Any]]:

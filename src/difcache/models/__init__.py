@@ -5,6 +5,6 @@ images = pipe([0, 1, 2, 3], num_inference_steps=50).images
 """
 
 from difcache.models.bundled import NAMES, ShapeClassifier, available, build, info, load
-from difcache.models.shapes import CLASSES
+from difcache.models.shapes import CLASSES, make_images
 
-__all__ = ["CLASSES", "NAMES", "ShapeClassifier", "available", "build", "info", "load"]
+__all__ = ["CLASSES", "NAMES", "ShapeClassifier", "available", "build", "info", "load", "make_images"]
