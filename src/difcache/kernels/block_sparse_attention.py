@@ -234,7 +234,8 @@ def block_sparse_attention_torch(
         in_seq = idx[..., None] * block_size + token < n  # [B, h, M, K, S]
         valid = (listed[..., None] & in_seq).flatten(3, 4)[:, :, :, None, :]  # [B, h, M, 1, K*S]
         if q.device.type == "cpu":
-            o, l_ = _fused_block_attention(qb, kg, vg, valid, scale)
+            bias = None if bool(valid.all()) else torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+            o, l_ = fused_block_attention(qb, kg, vg, scale, bias)
         else:
             s = (qb * scale) @ kg.transpose(-1, -2)
             o, l_ = masked_softmax_av(s.float() if compute != torch.float32 else s, vg, valid)
@@ -243,24 +244,23 @@ def block_sparse_attention_torch(
     return out, lse
 
 
-def _fused_block_attention(
-    qb: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, valid: torch.Tensor, scale: float
+def fused_block_attention(
+    qb: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 CPU: ``qb [B, h, M, S, D]`` against ``kg``/``vg [B, h, M, K*S, D]``, keys masked by
-    ``valid [B, h, M, 1, K*S]``; returns ``(out [B, h, M, S, D], lse [B, h, M, S])`` through ATen's fused CPU
-    flash attention, one problem per query block. Rows with no valid key give 0 and ``-inf`` like the others."""
+    """fp32 CPU: ``qb [B, h, M, S, D]`` against ``kg``/``vg [B, h, M, L, D]`` with an additive key ``bias
+    [B, h, M, 1, L]`` (``-inf`` masks a key; ``None``: nothing masked); returns ``(out [B, h, M, S, D],
+    lse [B, h, M, S])`` through ATen's fused CPU flash attention, one problem per query block, without
+    materialising scores. Rows with no valid key give 0 and ``-inf``, as every backend does."""
     shape = qb.shape
     rows = shape[0] * shape[1] * shape[2]
     q3, k3, v3 = (x.reshape(rows, 1, x.shape[3], x.shape[4]) for x in (qb, kg, vg))
-    valid = valid.reshape(rows, 1, 1, -1)
-    mask = None
-    if not bool(valid.all()):  # ATen wants an additive mask of q's dtype; skip it when nothing is masked
-        mask = torch.zeros(valid.shape, dtype=q3.dtype).masked_fill_(~valid, float("-inf"))
+    mask = None if bias is None else bias.reshape(rows, 1, 1, -1).to(q3.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q3, k3, v3, attn_mask=mask, scale=scale)
     lse = lse.reshape(shape[:4])
-    empty = ~valid.reshape(*shape[:3], -1).any(-1)  # fully masked rows: ATen returns out 0 but lse 0
-    if bool(empty.any()):
-        lse = lse.masked_fill(empty[..., None], float("-inf"))
+    if bias is not None:
+        empty = torch.isneginf(bias).all(dim=-1)  # [B, h, M, 1]; ATen returns out 0 but lse 0 for these rows
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, float("-inf"))
     return out.reshape(shape), lse
 
 

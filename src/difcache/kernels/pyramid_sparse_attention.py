@@ -29,7 +29,7 @@ from difcache.kernels._common import (
     tl,
     triton,
 )
-from difcache.kernels.block_sparse_attention import gather_blocks, masked_softmax_av
+from difcache.kernels.block_sparse_attention import fused_block_attention, gather_blocks, masked_softmax_av
 
 LEVELS = 4  # pooling factors 1, 2, 4, 8
 _LOG2E = 1.4426950408889634
@@ -238,8 +238,8 @@ def pyramid_sparse_attention_torch(
     scale = d**-0.5 if scale is None else scale
     compute = torch.float32 if q.device.type == "cpu" else q.dtype
     k, v = expand_kv_heads(k, h).to(compute), expand_kv_heads(v, h).to(compute)
-    qb = pad_blocks(q.to(compute), block_size) * scale  # [B, H, M, S, D]
-    scores, values, biases = [], [], []
+    qb = pad_blocks(q.to(compute), block_size)  # [B, H, M, S, D]
+    keys, values, biases = [], [], []
     for level in range(LEVELS):
         idx, cnt = level_lists(kv_idx, kv_cnt, kv_lvl, level)
         if idx.shape[-1] == 0:
@@ -248,20 +248,22 @@ def pyramid_sparse_attention_torch(
         kl, bias_l = pool_tokens(k, 2**level)
         vl = pool_tokens(v, 2**level)[0]
         n_l = kl.shape[2]
-        kg = gather_blocks(kl, idx, width)  # [B, H, M, K_l * width, D]
+        keys.append(gather_blocks(kl, idx, width))  # [B, H, M, K_l * width, D]
         values.append(gather_blocks(vl, idx, width))
         cols = idx.long()[..., None] * width + torch.arange(width, device=q.device)  # [B, H, M, K_l, width]
         listed = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
         valid = listed[..., None] & (cols < n_l)
         bias = torch.where(valid, bias_l[cols.clamp_max(n_l - 1)], float("-inf")).flatten(3, 4)
         biases.append(bias[:, :, :, None, :])
-        scores.append(qb @ kg.transpose(-1, -2))
     m = qb.shape[2]
-    if not scores:
+    if not keys:
         return torch.zeros_like(q), torch.full((b, h, n), float("-inf"), device=q.device)
-    s = torch.cat(scores, dim=-1).float()
+    kg, vg = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
     bias = torch.cat(biases, dim=-1).expand(b, h, m, 1, -1)
-    out, lse = masked_softmax_av(s, torch.cat(values, dim=-2), None, bias)
+    if q.device.type == "cpu":  # fused: no score tensor (see block_sparse_attention_torch)
+        out, lse = fused_block_attention(qb, kg, vg, scale, bias)
+    else:
+        out, lse = masked_softmax_av(((qb * scale) @ kg.transpose(-1, -2)).float(), vg, None, bias)
     return out.flatten(2, 3)[:, :, :n].to(q.dtype), lse.flatten(2, 3)[:, :, :n]
 
 
