@@ -48,6 +48,20 @@ def _save(name: str, model: torch.nn.Module, extra: dict, tensors: dict | None =
     (WEIGHTS / f"{name}.json").write_text(json.dumps({"config": _jsonable(config), **extra}, indent=1))
 
 
+def _resume(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """With ``--resume``: load the saved weights into ``model``; returns the extra tensors saved beside them."""
+    if not RESUME or not (WEIGHTS / f"{name}.safetensors").exists():
+        return {}
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(WEIGHTS / f"{name}.safetensors").items()}
+    extra = {k: state.pop(k) for k in [k for k in state if k not in model.state_dict()]}
+    model.load_state_dict(state)
+    previous = json.loads((WEIGHTS / f"{name}.json").read_text())["training"]
+    print(f"[{name}] resuming from the saved weights ({previous['steps']} steps)", flush=True)
+    return extra
+
+
 def _jsonable(config: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
 
@@ -61,8 +75,11 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * (0.1 + 0.9 * (1 - s / steps)))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     DOCS.mkdir(parents=True, exist_ok=True)
-    log = open(DOCS / f"{name}_loss.csv", "w")  # noqa: SIM115 (kept open for the whole run, flushed as it goes)
-    log.write("step,loss\n")
+    offset = sum(h.get("steps", 0) for h in PREVIOUS)  # resumed runs continue the step count and the loss curve
+    resumed = offset > 0 and (DOCS / f"{name}_loss.csv").exists()
+    log = open(DOCS / f"{name}_loss.csv", "a" if resumed else "w")  # noqa: SIM115 (open for the run, flushed)
+    if not resumed:
+        log.write("step,loss\n")
     start, running = time.time(), None
     for step in range(1, steps + 1):
         model.train()
@@ -81,7 +98,7 @@ def _train(
                     ema[k].copy_(v)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
-            log.write(f"{step},{running:.5f}\n")
+            log.write(f"{offset + step},{running:.5f}\n")
             log.flush()
         if step % every == 0 or step == steps:
             print(f"[{name}] step {step}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
@@ -90,7 +107,7 @@ def _train(
                 model.load_state_dict(ema)
                 model.eval()
                 if sample_fn is not None:
-                    sample_fn(step)
+                    sample_fn(offset + step)
                 if checkpoint is not None:
                     checkpoint({"steps": step, "of_planned": steps, "final_loss": running,
                                 "seconds": round(time.time() - start), "lr": lr})  # fmt: skip
@@ -102,14 +119,9 @@ def _train(
 
 def train_dit(steps: int, seed: int) -> None:
     torch.manual_seed(seed)
-    data, labels = make_images(24000, seed=seed)
+    data, labels = make_images(24000, size=16, seed=seed)  # 16x16, patch 2: learns far faster than 32x32/p4
     model = bundled.build("dit")
-    if RESUME and (WEIGHTS / "dit.safetensors").exists():
-        from safetensors.torch import load_file
-
-        model.load_state_dict({k: v.float() for k, v in load_file(WEIGHTS / "dit.safetensors").items()})
-        previous = json.loads((WEIGHTS / "dit.json").read_text())["training"]
-        print(f"[dit] resuming from the saved weights ({previous['steps']} steps)", flush=True)
+    _resume("dit", model)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_fn(m, x0, y):
@@ -124,6 +136,7 @@ def train_dit(steps: int, seed: int) -> None:
         images = pipe(
             [k % len(CLASSES) for k in range(16)], num_inference_steps=30, generator=torch.Generator().manual_seed(0)
         ).images
+        images = F.interpolate(images, scale_factor=2, mode="nearest")  # pixels large enough to judge by eye
         to_uint8_grid(images, 8).save(DOCS / f"dit_samples_{step:05d}.png")
         to_uint8_grid(images, 8).save(DOCS / "dit_samples.png")
 
@@ -132,7 +145,7 @@ def train_dit(steps: int, seed: int) -> None:
         _save("dit", model, {"training": facts, "history": history, "classes": CLASSES,
                              "objective": "rectified flow (v = noise - x0)"})  # fmt: skip
 
-    facts = _train("dit", model, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, 250, save)
+    facts = _train("dit", model, loss_fn, _batches(data, labels, 32, gen), steps, 1e-3, sample, 500, save)
     save(facts)
 
 
@@ -140,8 +153,9 @@ def train_unet(steps: int, seed: int) -> None:
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
-    data, labels = make_images(24000, seed=seed + 1)
+    data, labels = make_images(24000, size=16, seed=seed + 1)  # 16x16, like the DiT: learns shapes, not blobs
     model = bundled.build("unet")
+    _resume("unet", model)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     gen = torch.Generator().manual_seed(seed)
 
@@ -156,10 +170,15 @@ def train_unet(steps: int, seed: int) -> None:
         images = pipe(
             batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="np"
         ).images
-        to_uint8_grid(torch.from_numpy(images).permute(0, 3, 1, 2), 8).save(DOCS / "unet_samples.png")
+        images = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2), scale_factor=2, mode="nearest")
+        to_uint8_grid(images, 8).save(DOCS / "unet_samples.png")
 
-    facts = _train("unet", model, loss_fn, _batches(data, labels, 32, gen), steps, 4e-4, sample, 400)
-    _save("unet", model, {"training": facts, "objective": "DDPM epsilon, 1000 linear-beta steps"})
+    def save(facts: dict) -> None:
+        _save("unet", model, {"training": facts, "history": [*PREVIOUS, facts],
+                              "objective": "DDPM epsilon, 1000 linear-beta steps"})  # fmt: skip
+
+    facts = _train("unet", model, loss_fn, _batches(data, labels, 32, gen), steps, 1e-3, sample, 500, save)
+    save(facts)
 
 
 def train_classifier(steps: int, seed: int) -> None:
@@ -183,7 +202,9 @@ def train_video(steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     data, labels = make_clips(6000, seed=seed + 4)
     model = bundled.build("video")
-    embeddings = torch.nn.Parameter(torch.randn(len(CLASSES) + 1, 4, model.config.text_dim) * 0.5)
+    saved = _resume("video", model).get("class_embeddings")
+    initial = torch.randn(len(CLASSES) + 1, 4, model.config.text_dim) * 0.5 if saved is None else saved
+    embeddings = torch.nn.Parameter(initial)
     gen = torch.Generator().manual_seed(seed)
     holder = torch.nn.ModuleDict({"model": model})
     holder.register_parameter("class_embeddings", embeddings)
@@ -203,8 +224,13 @@ def train_video(steps: int, seed: int) -> None:
         frames = clips.permute(0, 2, 1, 3, 4).reshape(-1, 3, clips.shape[-2], clips.shape[-1])
         to_uint8_grid(frames, clips.shape[2]).save(DOCS / "video_samples.png")
 
-    facts = _train("video", holder, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, max(500, steps // 6))
-    _save("video", model, {"training": facts, "classes": CLASSES}, {"class_embeddings": embeddings.detach().half()})
+    def save(facts: dict) -> None:
+        history = [*PREVIOUS, facts]
+        _save("video", model, {"training": facts, "history": history, "classes": CLASSES},
+              {"class_embeddings": embeddings.detach().half()})  # fmt: skip
+
+    facts = _train("video", holder, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, 200, save)
+    save(facts)
 
 
 def main() -> None:
@@ -213,7 +239,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--resume", action="store_true", help="continue from the saved weights (dit only)")
+    parser.add_argument("--resume", action="store_true", help="continue from the saved weights")
     args = parser.parse_args()
     global RESUME
     RESUME = args.resume

@@ -33,10 +33,11 @@ def test_dit_runs_offline_with_expected_shape(dit):
 @pytest.mark.parametrize(
     ("method", "settings", "min_psnr"),
     [
-        ("fora", {"interval": 2}, 28.0),
-        ("taylorseer", {"interval": 3, "order": 1, "warmup": 3}, 28.0),
-        ("delta_dit", {"interval": 2}, 24.0),
-        ("teacache", {"threshold": 0.3}, 20.0),
+        # floors ~3 dB under what the bundled 16x16 DiT measured (33.3, 31.6, 34.9, 24.3 dB at 20 steps)
+        ("fora", {"interval": 2}, 30.0),
+        ("taylorseer", {"interval": 3, "order": 1, "warmup": 3}, 28.5),
+        ("delta_dit", {"interval": 2}, 32.0),
+        ("teacache", {"threshold": 0.3}, 21.0),
     ],
 )
 def test_methods_stay_close_on_the_trained_dit(dit, method, settings, min_psnr):
@@ -87,6 +88,12 @@ def test_video_pipeline_runs_with_random_weights():
     assert clips.shape == (2, 3, 8, 16, 16) and torch.isfinite(clips).all()
 
 
-def test_missing_weights_error_names_the_training_command():
-    with pytest.raises(difcache.DifcacheError, match="scripts/train_bundled.py"):
-        load("video") if "video" not in available() else load("nope")
+def test_missing_weights_error_names_the_training_command(tmp_path, monkeypatch):
+    from difcache.models import bundled
+
+    monkeypatch.setattr(bundled, "WEIGHTS", tmp_path)  # a checkout whose weights were never trained
+    assert available() == []
+    with pytest.raises(difcache.DifcacheError, match="scripts/train_bundled.py video"):
+        load("video")
+    with pytest.raises(difcache.DifcacheError, match="No bundled model 'nope'"):
+        load("nope")

@@ -53,12 +53,12 @@ def build(name: str) -> torch.nn.Module:
     """A freshly initialised model with the bundled architecture."""
     if name == "dit":
         return DiTTransformer2DModel(
-            sample_size=32, in_channels=3, out_channels=3, patch_size=4, num_layers=6, num_attention_heads=4,
+            sample_size=16, in_channels=3, out_channels=3, patch_size=2, num_layers=6, num_attention_heads=4,
             attention_head_dim=32, num_embeds_ada_norm=len(CLASSES), norm_num_groups=32,
         )  # fmt: skip
     if name == "unet":
         return UNet2DModel(
-            sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64, 96),
+            sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64, 96),
             down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
         )  # fmt: skip
