@@ -84,6 +84,21 @@ def test_cache_dit_runs_on_a_custom_pipeline_through_its_transformer_adapter():
     assert row["ideal_speedup"] >= 1.0
 
 
+def test_diffusers_hooks_restart_every_call_on_a_pipeline_without_cache_mixin():
+    """DiT has no CacheMixin, so diffusers never resets its hooks; the bench must, or call 2 reuses call 1."""
+    from difcache.eval.bench import _resetting
+
+    target = _shapes_target(fid=False)
+    remove = ALTERNATIVES["diffusers-taylorseer"].apply(target.pipe, {"interval": 2, "warmup": 1}, target.steps)
+    try:
+        first, stale = target.call(0), target.call(0)
+        fresh = _resetting(target, remove.reset).call(0)
+    finally:
+        remove()
+    assert not torch.equal(first, stale)  # without the reset the second call starts mid-schedule
+    assert torch.equal(first, fresh)
+
+
 @pytest.mark.skipif("classifier" not in available(), reason="bundled classifier weights missing")
 def test_bench_fid_uses_the_bundled_classifier():
     report = run_bench(_shapes_target(fid=True), [difcache_variant("fora", interval=3)], repeats=1, fid_samples=8)

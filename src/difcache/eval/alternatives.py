@@ -7,7 +7,8 @@ is reported as missing (never silently skipped); one that fails on a model is re
 * diffusers' hooks (``TaylorSeerCacheConfig``, ``FirstBlockCacheConfig``, ``MagCacheConfig``,
   ``PyramidAttentionBroadcastConfig``), applied with ``diffusers.hooks.apply_*`` so they also reach models
   without ``CacheMixin`` (DiT, PixArt). Those hooks need a ``cache_context``; pipelines whose denoiser has no
-  ``CacheMixin`` never set one, so a small outer hook sets ``"cond_uncond"`` for them, as a user would.
+  ``CacheMixin`` never set one, so a small outer hook sets ``"cond_uncond"`` for them, as a user would, and
+  their state is reset before every pipeline call (diffusers only does that itself for ``CacheMixin`` models).
   TaylorSeer gets identifiers that match the model's real attention and FFN modules (its defaults match
   nothing on several families), and fp32 factors like difcache. MagCache is calibrated first
   (``calibrate=True``) and its printed ratios are parsed, as its docs instruct.
@@ -88,6 +89,10 @@ def _apply_diffusers(pipe: Any, apply_fn: Callable[[torch.nn.Module], None]) -> 
             registry.remove_hook(name, recurse=True)
         registry.invalidate_child_registries_cache()
 
+    # diffusers resets its hooks' state at the end of a pipeline call only for CacheMixin denoisers (through
+    # `maybe_free_model_hooks`); on others (DiT, the bundled pipelines) a second call would start from the first
+    # call's step counter and features. The bench calls `remove.reset()` before every call, as a user would.
+    remove.reset = lambda: registry.reset_stateful_hooks(recurse=True)  # type: ignore[attr-defined]
     return remove
 
 

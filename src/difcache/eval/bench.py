@@ -27,7 +27,8 @@ import platform
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,8 @@ def denoiser_flops(target: BenchTarget, seed: int) -> float:
     return total[0]
 
 
-def _fid_scorer(target: BenchTarget, fid_samples: int) -> Callable[[], float] | None:
-    """``score()``: FID of ``target.sample(fid_samples)`` as the pipeline is now; ``None`` if FID is off."""
+def _fid_scorer(target: BenchTarget, fid_samples: int) -> Callable[[BenchTarget], float] | None:
+    """``score(t)``: FID of ``t.sample(fid_samples)`` as the pipeline is now; ``None`` if FID is off."""
     if fid_samples <= 0 or target.sample is None or target.real is None:
         return None
     from difcache.eval.features import bundled_extractor
@@ -133,12 +134,28 @@ def _fid_scorer(target: BenchTarget, fid_samples: int) -> Callable[[], float] | 
     accumulator = FIDAccumulator(extractor.num_features)
     accumulator.add_real(extractor(target.real(fid_samples)))
 
-    def score() -> float:
+    def score(t: BenchTarget) -> float:
         accumulator.reset()
-        accumulator.add_fake(extractor(target.sample(fid_samples)))
+        accumulator.add_fake(extractor(t.sample(fid_samples)))
         return accumulator.compute()
 
     return score
+
+
+def _reset_of(remove: Callable[[], None] | None) -> Callable[[], None]:
+    """The per-call state reset an alternative's remover carries (diffusers' hooks), or a no-op."""
+    return getattr(remove, "reset", None) or (lambda: None)
+
+
+def _resetting(target: BenchTarget, reset: Callable[[], None] | None) -> BenchTarget:
+    """``target`` whose calls first run ``reset`` (every call of a variant starts from a fresh cache state)."""
+    if reset is None:
+        return target
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: (reset(), fn(*args))[1]
+
+    return replace(target, call=wrap(target.call), sample=None if target.sample is None else wrap(target.sample))
 
 
 def run_bench(
@@ -157,7 +174,7 @@ def run_bench(
     device = find_denoiser(target.pipe)[0].device
     uncached_peak = peak_call_memory(lambda: target.call(target.seeds[0]), device) / 2**20
     fid = _fid_scorer(target, fid_samples)
-    uncached_fid = fid() if fid is not None else None
+    uncached_fid = fid(target) if fid is not None else None
     rows: list[Row] = []
     timed: dict[str, Callable[[], Any]] = {"uncached": lambda: target.call(target.seeds[0])}
     removers: dict[str, Callable[[], None]] = {}
@@ -175,10 +192,11 @@ def run_bench(
         try:
             remove = variant.apply()
             try:
-                outputs = {seed: target.call(seed) for seed in target.seeds}
-                row.ideal_speedup = full_flops / max(denoiser_flops(target, target.seeds[0]), 1.0)
-                row.peak_mib = peak_call_memory(lambda: target.call(target.seeds[0]), device) / 2**20
-                row.fid = fid() if fid is not None else None
+                vt = _resetting(target, getattr(remove, "reset", None))
+                outputs = {seed: vt.call(seed) for seed in target.seeds}
+                row.ideal_speedup = full_flops / max(denoiser_flops(vt, target.seeds[0]), 1.0)
+                row.peak_mib = peak_call_memory(partial(vt.call, target.seeds[0]), device) / 2**20
+                row.fid = fid(vt) if fid is not None else None
                 handle = getattr(find_denoiser(target.pipe)[0], "_difcache_cache", None)
                 if handle is not None:
                     handle.reset_stats()
@@ -195,7 +213,7 @@ def run_bench(
             continue
         row.psnr = sum(psnr(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
         row.ssim = sum(ssim(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
-        timed[variant.label] = timed["uncached"]
+        timed[variant.label] = lambda v=variant: _reset_of(removers.get(v.label))() or target.call(target.seeds[0])
         setup[variant.label] = lambda v=variant: removers.__setitem__(v.label, v.apply())
         teardown[variant.label] = lambda v=variant: removers.pop(v.label)()
     progress(f"timing {len(timed)} variants, {repeats} interleaved rounds")
