@@ -12,7 +12,6 @@ def test_taylorseer_flux_defaults_match_official_cal_type():
 
 def test_taylorseer_warmup_one():
     assert schedule_string(TaylorSeerSchedule(5, 1), 12) == "CFFFFCFFFFCF"
-    assert schedule_string(TaylorSeerSchedule(5, 1, cooldown=2), 12) == "CFFFFCFFFFCC"
 
 
 def test_taylorseer_interval_one_computes_everything():

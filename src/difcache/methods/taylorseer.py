@@ -10,7 +10,6 @@ Per-family defaults are those of the official code: FLUX N=6, O=1, 3 warm-up (``
 HunyuanVideo and Wan2.1 N=5, O=1, 1 warm-up; DiT N=4, O=4, 2 warm-up (README). Families the official code
 does not cover (SD3, PixArt, CogVideoX, LTX, UNet) get N=5, O=1, 3 warm-up — diffusers' TaylorSeer hook
 defaults — documented as our choice, not the paper's. Deviation: factors are kept in fp32, not bf16.
-Extension: ``cooldown`` computes the last steps fully (default 0, the official schedule).
 """
 
 from __future__ import annotations
@@ -42,21 +41,17 @@ class TaylorSeerConfig(CacheConfig):
     interval: N, one full step every N steps after warm-up (1 = every step). FLUX default 6.
     order: O, Taylor order 0-4 (0 = plain reuse). FLUX default 1.
     warmup: full steps at the start of each run (``first_enhance``). FLUX default 3.
-    cooldown: full steps at the end of each run. 0 (the official schedule); our extension, see
-        :class:`~difcache.policies.interval.TaylorSeerSchedule`.
     """
 
     method: ClassVar[str] = "taylorseer"
     interval: int = 6
     order: int = 1
     warmup: int = 3
-    cooldown: int = 0
 
     def __post_init__(self) -> None:
         check_int(self, "interval", 1, 1000)
         check_int(self, "order", 0, 4)
         check_int(self, "warmup", 0, 1000)
-        check_int(self, "cooldown", 0, 1000)
 
     @classmethod
     def for_family(cls, family: str) -> TaylorSeerConfig:
@@ -68,6 +63,6 @@ def build(config: TaylorSeerConfig, layout: Layout) -> Plan:
     skip = Action.FORECAST if config.order > 0 else Action.REUSE
     return Plan(
         ModuleScope(layout.units),
-        TaylorSeerSchedule(config.interval, config.warmup, skip, config.cooldown),
+        TaylorSeerSchedule(config.interval, config.warmup, skip),
         TaylorForecaster(config.order, config.warmup),
     )

@@ -4,9 +4,7 @@ Two anchorings appear in the papers and their code, and they differ at the ends 
 
 * ``TaylorSeerSchedule`` (TaylorSeer, Liu et al., ICCV 2025; official ``cal_type``): the first ``warmup``
   steps are computed; after them a counter makes every N-th step full, i.e. full steps are
-  ``warmup - 1 + k*N``. The last step is not forced. ``cooldown`` (ours, default 0 = the official schedule)
-  also computes the last ``cooldown`` steps, as diffusers' ``disable_cache_after_step`` allows: the final
-  steps write the output directly, so a forecast error there is not corrected by any later step.
+  ``warmup - 1 + k*N``. The last step is not forced.
 * ``FORASchedule`` (FORA, Selvaraju et al., arXiv 2407.01425; official ``boost_infer_static``): the loop
   index counts *down* (T-1 .. 0); a step is full when that index is divisible by N, and the first step is
   always full. In ascending steps s: full iff s == 0 or (T - 1 - s) % N == 0, so the last step is full.
@@ -26,13 +24,10 @@ class TaylorSeerSchedule:
     interval: int
     warmup: int
     skip_action: Action = Action.FORECAST
-    cooldown: int = 0
     dynamic: ClassVar[bool] = False
 
     def decide(self, step: int, num_steps: int | None, unit: int) -> Action:
         if step < self.warmup or (step - max(self.warmup - 1, 0)) % self.interval == 0:
-            return Action.COMPUTE
-        if num_steps is not None and step >= num_steps - self.cooldown:
             return Action.COMPUTE
         return self.skip_action
 
