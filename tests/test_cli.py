@@ -140,9 +140,11 @@ def test_matched_comparison_takes_the_best_difcache_row_at_least_as_fast():
               "torch": "x", "rows": [
                   row("ours slow", "difcache:a", 1.5, 40.0), row("ours fast", "difcache:b", 3.0, 31.0),
                   row("alt mid", "alt", 2.0, 35.0), row("alt slow", "alt", 1.4, 39.0),
-                  row("alt fastest", "alt", 5.0, 20.0), row("alt broken", "alt", None, None, "failed: x")]}  # fmt: skip
+                  row("alt fastest", "alt", 5.0, 20.0), row("alt broken", "alt", None, None, "failed: x"),
+                  row("alt same", "alt", 3.0, 31.0)]}  # fmt: skip
     result = {c["label"]: c for c in matched_comparison(report)}
-    assert set(result) == {"alt mid", "alt slow", "alt fastest"}
+    assert set(result) == {"alt mid", "alt slow", "alt fastest", "alt same"}
+    assert result["alt same"]["tie"] and not result["alt same"]["beaten"]
     assert result["alt slow"]["difcache"]["label"] == "ours slow" and result["alt slow"]["beaten"]
     assert result["alt mid"]["difcache"]["label"] == "ours fast" and not result["alt mid"]["beaten"]
     assert result["alt fastest"]["difcache"] is None and not result["alt fastest"]["beaten"]

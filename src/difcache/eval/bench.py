@@ -291,14 +291,18 @@ def markdown_table(report: dict) -> str:
             lines.append(
                 f"| {c['label']} | {c['ideal']:.2f}× | {c['psnr']:.2f} | {best['label'] if best else '— (none)'} | "
                 f"{f(best and best['ideal'], '.2f')}{'×' if best else ''} | {f(best and best['psnr'], '.2f')} | "
-                f"{'yes' if c['beaten'] else '**no**'} |"
+                f"{'yes' if c['beaten'] else 'tie' if c['tie'] else '**no**'} |"
             )
     return "\n".join(lines)
 
 
+_PSNR_TIE = 0.01  # dB: equal PSNR to two decimals, e.g. the same algorithm and schedule giving identical images
+
+
 def matched_comparison(report: dict) -> list[dict]:
     """For every alternative row that ran: the difcache row with the highest PSNR among those whose ideal
-    speedup is at least the alternative's, and whether that PSNR is higher (``beaten``).
+    speedup is at least the alternative's, and whether that PSNR is higher (``beaten``) or equal within 0.01 dB
+    (``tie``: the same algorithm and schedule give the same images).
 
     This is the issue's "at matched ideal speedup" test made mechanical: a difcache setting that is at least as
     fast in FLOPs and closer to the uncached output wins; no interpolation between settings is assumed.
@@ -313,7 +317,8 @@ def matched_comparison(report: dict) -> list[dict]:
             "label": alt["label"], "ideal": alt["ideal_speedup"], "psnr": alt["psnr"],
             "difcache": None if best is None else
             {"label": best["label"], "ideal": best["ideal_speedup"], "psnr": best["psnr"]},
-            "beaten": best is not None and best["psnr"] > alt["psnr"],
+            "beaten": best is not None and best["psnr"] > alt["psnr"] + _PSNR_TIE,
+            "tie": best is not None and abs(best["psnr"] - alt["psnr"]) <= _PSNR_TIE,
         })  # fmt: skip
     return out
 
