@@ -66,7 +66,7 @@ def kernel_bench(args: argparse.Namespace) -> dict:
           f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved runs")  # fmt: skip
     print("| path | median s | speedup vs dense | fraction of 1/density |\n|---|---|---|---|")
     print(f"| dense SDPA | {times['dense_sdpa']:.3f} | 1.00x | |")
-    for name in ("flex", "torch"):
+    for name in ("torch", "flex"):
         s = result["speedup"][name]
         mark = " (selected CPU path)" if name == selected else ""
         print(f"| {name}{mark} | {times[name]:.3f} | {s:.2f}x | {s / bound:.2f} |")

@@ -97,3 +97,34 @@ def test_missing_weights_error_names_the_training_command(tmp_path, monkeypatch)
         load("video")
     with pytest.raises(difcache.DifcacheError, match="No bundled model 'nope'"):
         load("nope")
+
+
+@needs("video")
+def test_sparse_attention_on_the_trained_video_model():
+    """Density 1 is exact; top-k 0.25, PSA 0.25 and top-p 0.9 stay near dense, PSA above top-k at equal density."""
+    pipe = load("video")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe([0, 2], num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images
+
+    def frames(clips):
+        return clips.movedim(2, 1).flatten(0, 1)
+
+    dense = run()
+    scores = {}
+    settings = {
+        "full": {"method": "topk", "density": 1.0},
+        "topk": {"method": "topk", "density": 0.25},
+        "psa": {"method": "psa", "density": 0.25},
+        "topp": {"method": "topp", "p": 0.9},
+    }
+    for name, setting in settings.items():
+        with difcache.apply_sparse_attention(pipe, block_size=32, tile=(2, 4, 4), warmup_steps=0.2, **setting):
+            out = run()
+        scores[name] = psnr(frames(out), frames(dense))
+        if name == "full":
+            assert torch.allclose(out, dense, atol=1e-5)
+    assert scores["topk"] > 19 and scores["psa"] > 21 and scores["topp"] > 29, scores
+    assert scores["psa"] > scores["topk"], scores
+    assert torch.equal(run(), dense)  # removal restores dense attention exactly

@@ -164,7 +164,7 @@ def test_flex_compiled_matches_reference():
 def test_backend_choice_by_device_and_override():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, pyramid=False, n_tokens=100) == "torch"
-    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=8192) == "flex"
+    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=8192) == "torch"
     assert resolve_backend("auto", cpu, pyramid=True, n_tokens=8192) == "torch"
     assert resolve_backend("reference", cpu, pyramid=True, n_tokens=10) == "reference"
     with pytest.raises(DifcacheError, match="pooled PSA"):
