@@ -335,13 +335,14 @@ def pareto_plot(report: dict, path: str | Path, x: str = "ideal_speedup") -> Non
     for r in report["rows"]:
         if r["status"] == "ok" and r[x] is not None and r["psnr"] is not None:
             groups.setdefault(r["group"], []).append((r[x], min(r["psnr"], 60.0)))
-    for group, points in sorted(groups.items()):
+    colours = plt.get_cmap("tab20").colors  # more groups than the default cycle's 10 colours
+    for number, (group, points) in enumerate(sorted(groups.items())):
         points.sort()
         style = "-o" if group.startswith("difcache") else "--s"
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=group)
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=group, color=colours[number % 20])
     ax.set_xlabel(x.replace("_", " ") + " (×)")
     ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")
-    ax.set_title(f"{report['target']}: speed vs fidelity ({report['steps']} steps)")
+    ax.set_title(f"{report['target']}\nspeed vs fidelity, {report['steps']} steps", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
