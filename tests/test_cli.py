@@ -92,7 +92,7 @@ def test_diffusers_hooks_restart_every_call_on_a_pipeline_without_cache_mixin():
     remove = ALTERNATIVES["diffusers-taylorseer"].apply(target.pipe, {"interval": 2, "warmup": 1}, target.steps)
     try:
         first, stale = target.call(0), target.call(0)
-        fresh = _resetting(target, remove.reset).call(0)
+        fresh = _resetting(target, remove).call(0)
     finally:
         remove()
     assert not torch.equal(first, stale)  # without the reset the second call starts mid-schedule

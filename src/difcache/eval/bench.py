@@ -142,13 +142,10 @@ def _fid_scorer(target: BenchTarget, fid_samples: int) -> Callable[[BenchTarget]
     return score
 
 
-def _reset_of(remove: Callable[[], None] | None) -> Callable[[], None]:
-    """The per-call state reset an alternative's remover carries (diffusers' hooks), or a no-op."""
-    return getattr(remove, "reset", None) or (lambda: None)
-
-
-def _resetting(target: BenchTarget, reset: Callable[[], None] | None) -> BenchTarget:
-    """``target`` whose calls first run ``reset`` (every call of a variant starts from a fresh cache state)."""
+def _resetting(target: BenchTarget, remove: Callable[[], None] | None) -> BenchTarget:
+    """``target`` whose calls first run the state reset the variant's remover carries (diffusers' hooks), so
+    every call of the variant starts from a fresh cache state; ``target`` itself when there is none."""
+    reset = getattr(remove, "reset", None)
     if reset is None:
         return target
 
@@ -192,7 +189,7 @@ def run_bench(
         try:
             remove = variant.apply()
             try:
-                vt = _resetting(target, getattr(remove, "reset", None))
+                vt = _resetting(target, remove)
                 outputs = {seed: vt.call(seed) for seed in target.seeds}
                 row.ideal_speedup = full_flops / max(denoiser_flops(vt, target.seeds[0]), 1.0)
                 row.peak_mib = peak_call_memory(partial(vt.call, target.seeds[0]), device) / 2**20
@@ -213,7 +210,7 @@ def run_bench(
             continue
         row.psnr = sum(psnr(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
         row.ssim = sum(ssim(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
-        timed[variant.label] = lambda v=variant: _reset_of(removers.get(v.label))() or target.call(target.seeds[0])
+        timed[variant.label] = lambda v=variant: _resetting(target, removers.get(v.label)).call(target.seeds[0])
         setup[variant.label] = lambda v=variant: removers.__setitem__(v.label, v.apply())
         teardown[variant.label] = lambda v=variant: removers.pop(v.label)()
     progress(f"timing {len(timed)} variants, {repeats} interleaved rounds")
