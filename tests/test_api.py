@@ -49,6 +49,15 @@ def test_taylorseer_skips_units_and_stays_close(pipe):
     assert "ideal speedup" in str(stats) and "transformer_blocks.0.attn" in str(stats)
 
 
+def test_method_by_keyword_as_in_the_readme(pipe):
+    """``apply_cache(pipe, method="...")`` is the documented one-liner; it once was positional-only."""
+    with difcache.apply_cache(pipe, method="fora", interval=3) as by_keyword:
+        keyword_out = pipe()
+    with difcache.apply_cache(pipe, "fora", interval=3) as positional:
+        positional_out = pipe()
+    assert by_keyword.config == positional.config and torch.equal(keyword_out, positional_out)
+
+
 def test_remove_is_bit_identical_and_idempotent(pipe):
     reference = pipe()
     handle = difcache.apply_cache(pipe, "fora")

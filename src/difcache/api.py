@@ -79,7 +79,7 @@ class CacheHandle:
         return f"CacheHandle({self.config!r}, {units} units, {state})"
 
 
-def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", /, **overrides: Any) -> CacheHandle:
+def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", **overrides: Any) -> CacheHandle:
     """Cache the denoiser of ``target`` (a diffusers pipeline or the denoiser module) with ``method``.
 
     Args:
