@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from difcache.errors import DifcacheError
 from difcache.kernels._common import (
@@ -29,7 +30,12 @@ from difcache.kernels._common import (
     tl,
     triton,
 )
-from difcache.kernels.block_sparse_attention import fused_block_attention, gather_blocks, masked_softmax_av
+from difcache.kernels.block_sparse_attention import (
+    _CPU_CHUNK_BYTES,
+    fused_block_attention,
+    gather_blocks,
+    masked_softmax_av,
+)
 
 LEVELS = 4  # pooling factors 1, 2, 4, 8
 _LOG2E = 1.4426950408889634
@@ -236,7 +242,9 @@ def pyramid_sparse_attention_torch(
     check_levels(kv_lvl, kv_idx)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
-    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    if q.device.type == "cpu":
+        return _pyramid_cpu(q, expand_kv_heads(k, h), expand_kv_heads(v, h), kv_idx, kv_cnt, kv_lvl, block_size, scale)
+    compute = q.dtype
     k, v = expand_kv_heads(k, h).to(compute), expand_kv_heads(v, h).to(compute)
     qb = pad_blocks(q.to(compute), block_size)  # [B, H, M, S, D]
     keys, values, biases = [], [], []
@@ -260,11 +268,87 @@ def pyramid_sparse_attention_torch(
         return torch.zeros_like(q), torch.full((b, h, n), float("-inf"), device=q.device)
     kg, vg = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
     bias = torch.cat(biases, dim=-1).expand(b, h, m, 1, -1)
-    if q.device.type == "cpu":  # fused: no score tensor (see block_sparse_attention_torch)
-        out, lse = fused_block_attention(qb, kg, vg, scale, bias)
-    else:
-        out, lse = masked_softmax_av(((qb * scale) @ kg.transpose(-1, -2)).float(), vg, None, bias)
+    out, lse = masked_softmax_av(((qb * scale) @ kg.transpose(-1, -2)).float(), vg, None, bias)
     return out.flatten(2, 3)[:, :, :n].to(q.dtype), lse.flatten(2, 3)[:, :, :n]
+
+
+def _pyramid_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    kv_lvl: torch.Tensor, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """CPU PSA in fp32 with one gather per chunk of query blocks, whatever the levels.
+
+    Per head, every level is padded to ``M`` blocks of ``block_size >> level`` pooled tokens and the levels are
+    stacked as rows of ``g = block_size / 8`` tokens: a level-``l`` block is ``8 >> l`` consecutive rows. Each
+    query block's listed (block, level) pairs become a row list (valid rows first), so a chunk of query blocks
+    gathers its keys, values and ``log(count)`` biases with one ``index_select`` each into reused buffers and
+    runs through ATen's fused CPU attention (:func:`fused_block_attention`), as in the block-sparse CPU path.
+    """
+    b, h, n, d = q.shape
+    m, width = kv_idx.shape[2:]
+    g = block_size // 8
+    per_level = [m * (8 >> level) for level in range(LEVELS)]  # rows per level
+    base = torch.tensor([sum(per_level[:level]) for level in range(LEVELS)])
+    bias_rows = _level_bias_rows(n, block_size, m)
+    # Row lists for every (batch, head, query block): [B, H, M, K * 8], valid rows first.
+    lvl = kv_lvl.long()
+    rows_per = 8 >> lvl
+    sub = torch.arange(8)
+    rows = (base[lvl] + kv_idx.long() * rows_per)[..., None] + sub
+    listed = torch.arange(width) < kv_cnt[..., None]
+    ok = ((sub < rows_per[..., None]) & listed[..., None]).flatten(3, 4)
+    order = torch.argsort((~ok).to(torch.int8), dim=-1, stable=True)
+    rows = torch.where(ok, rows.flatten(3, 4), 0).gather(-1, order)
+    ok = ok.gather(-1, order)
+    lengths = ok.sum(-1).amax(-1).tolist()  # [B][H]: the longest row list of each head
+    out = torch.zeros(b, h, m * block_size, d)
+    lse = torch.full((b, h, m * block_size), -math.inf)
+    kg = vg = None
+    for bi in range(b):
+        for hi in range(h):
+            length = lengths[bi][hi]
+            if length == 0:
+                continue
+            kp, vp = (_level_rows(x[bi, hi].float(), block_size, m) for x in (k, v))
+            qb = pad_blocks(q[bi : bi + 1, hi : hi + 1].float(), block_size)
+            chunk = max(1, min(m, _CPU_CHUNK_BYTES // (2 * length * g * d * 4)))
+            for m0 in range(0, m, chunk):
+                blocks = slice(m0, min(m, m0 + chunk))
+                flat = rows[bi, hi, blocks, :length].reshape(-1)
+                kg = _select(kp, flat, kg).view(1, 1, -1, length * g, d)
+                vg = _select(vp, flat, vg).view(1, 1, -1, length * g, d)
+                bias = bias_rows.index_select(0, flat).view(1, 1, -1, 1, length * g)
+                listed_rows = ok[bi, hi, blocks, :length, None].expand(-1, -1, g).reshape(bias.shape)
+                bias.masked_fill_(~listed_rows, -math.inf)
+                o, l_ = fused_block_attention(qb[:, :, blocks], kg, vg, scale, bias)
+                tokens = slice(m0 * block_size, blocks.stop * block_size)
+                out[bi, hi, tokens] = o.flatten(2, 3)[0, 0]
+                lse[bi, hi, tokens] = l_.flatten(2, 3)[0, 0]
+    return out[:, :, :n].to(q.dtype), lse[:, :, :n]
+
+
+def _level_bias_rows(n: int, block_size: int, m: int) -> torch.Tensor:
+    """The ``log(count)`` score correction laid out like :func:`_level_rows`; ``-inf`` on padding tokens."""
+    levels = []
+    for level in range(LEVELS):
+        log_count = pool_tokens(torch.empty(1, 1, n, 0), 2**level)[1]
+        levels.append(F.pad(log_count, (0, m * (block_size >> level) - log_count.numel()), value=-math.inf))
+    return torch.cat(levels).view(-1, block_size // 8)
+
+
+def _level_rows(x: torch.Tensor, block_size: int, m: int) -> torch.Tensor:
+    """``x [N, D]`` -> every level padded to ``m`` blocks and stacked as rows of ``block_size / 8`` tokens."""
+    levels = [pad_blocks(pool_tokens(x[None, None], 2**level)[0], block_size >> level) for level in range(LEVELS)]
+    return torch.cat([lv.reshape(-1, x.shape[1]) for lv in levels]).view(-1, (block_size // 8) * x.shape[1])
+
+
+def _select(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """``rows[index]`` written into ``buffer``'s memory when it is large enough (see ``gather_blocks``)."""
+    numel = index.numel() * rows.shape[1]
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=rows.dtype)
+    dest = buffer.view(-1)[:numel].view(index.numel(), rows.shape[1])
+    return torch.index_select(rows, 0, index, out=dest)
 
 
 def pyramid_sparse_attention_reference(
