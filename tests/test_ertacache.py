@@ -222,7 +222,7 @@ def test_ertacache_skips_the_stack_stays_close_and_removes_bit_identically(calib
     loop, profile = calibrated
     reference = loop(num_inference_steps=STEPS, seed=5)
     reused = len(profile.data["reuse_steps"])
-    handle = difcache.apply_cache(loop, "ertacache", profile=profile)
+    handle = difcache.apply_cache(loop, "ertacache", profile=profile, adjust_timesteps=True)
     cached = loop(num_inference_steps=STEPS, seed=5)
     assert torch.equal(loop(num_inference_steps=STEPS, seed=5), cached)  # per-run state is reset
     totals = handle.stats().totals()
@@ -238,10 +238,10 @@ def test_each_part_changes_the_output(calibrated):
     loop, profile = calibrated
     outputs = {}
     for name, kw in {
-        "reuse": dict(rectify=False, adjust_timesteps=False),
-        "rectify": dict(adjust_timesteps=False),
-        "full": {},
-        "model_time": dict(adjust_model_time=True),
+        "reuse": dict(rectify=False),
+        "rectify": {},  # the default since timestep adjustment became opt-in
+        "full": dict(adjust_timesteps=True),
+        "model_time": dict(adjust_timesteps=True, adjust_model_time=True),
     }.items():
         with difcache.apply_cache(loop, "ertacache", profile=profile, **kw):
             outputs[name] = loop(num_inference_steps=STEPS, seed=3)
@@ -255,14 +255,14 @@ def test_step_wrappers_compose_with_the_step_tracker_in_any_order(calibrated, at
     loop, profile = calibrated
     scheduler = loop.scheduler
     reference = loop(num_inference_steps=STEPS, seed=2)
-    with difcache.apply_cache(loop, "ertacache", profile=profile):
+    with difcache.apply_cache(loop, "ertacache", profile=profile, adjust_timesteps=True):
         adjusted = loop(num_inference_steps=STEPS, seed=2)
     # Another difcache feature holding the same denoiser's step tracker (sparse attention, say).
     if attach_first == "tracker":
         other = StepTracker.attach(loop.transformer, scheduler)
-        handle = difcache.apply_cache(loop, "ertacache", profile=profile)
+        handle = difcache.apply_cache(loop, "ertacache", profile=profile, adjust_timesteps=True)
     else:
-        handle = difcache.apply_cache(loop, "ertacache", profile=profile)
+        handle = difcache.apply_cache(loop, "ertacache", profile=profile, adjust_timesteps=True)
         other = StepTracker.attach(loop.transformer, scheduler)
     assert torch.equal(loop(num_inference_steps=STEPS, seed=2), adjusted)
     if remove_first == "cache":
@@ -324,15 +324,15 @@ def test_timestep_adjustment_needs_a_deterministic_flow_matching_scheduler(calib
         ]:
             loop.scheduler = scheduler
             with pytest.raises(difcache.DifcacheError, match=message):
-                difcache.apply_cache(loop, "ertacache", profile=profile)
+                difcache.apply_cache(loop, "ertacache", profile=profile, adjust_timesteps=True)
             assert getattr(loop.transformer, "_difcache_cache", None) is None and "step" not in vars(scheduler)
         loop.scheduler = DDIMScheduler()
-        difcache.apply_cache(loop, "ertacache", profile=profile, adjust_timesteps=False).remove()
+        difcache.apply_cache(loop, "ertacache", profile=profile).remove()  # the default does not adjust
     finally:
         loop.scheduler = original
     with pytest.raises(difcache.DifcacheError, match="bare denoiser.*adjust_timesteps=False"):
-        difcache.apply_cache(loop.transformer, "ertacache", profile=profile)
-    with difcache.apply_cache(loop.transformer, "ertacache", profile=profile, adjust_timesteps=False) as handle:
+        difcache.apply_cache(loop.transformer, "ertacache", profile=profile, adjust_timesteps=True)
+    with difcache.apply_cache(loop.transformer, "ertacache", profile=profile) as handle:
         loop(num_inference_steps=STEPS, seed=1)
         assert handle.stats().totals()["reuse"] == len(profile.data["reuse_steps"])
     assert torch.equal(loop(num_inference_steps=STEPS, seed=1), reference)
@@ -387,7 +387,7 @@ def test_flux_pipeline_with_true_cfg():
     reused = len(profile.data["reuse_steps"])
     assert reused > 0
     reference = pipe(**_flux_kwargs(5), num_inference_steps=STEPS).images
-    with difcache.apply_cache(pipe, "ertacache", profile=profile) as handle:
+    with difcache.apply_cache(pipe, "ertacache", profile=profile, adjust_timesteps=True) as handle:
         cached = pipe(**_flux_kwargs(5), num_inference_steps=STEPS).images
         assert torch.equal(pipe(**_flux_kwargs(5), num_inference_steps=STEPS).images, cached)
         stats = handle.stats()

@@ -58,6 +58,12 @@ so the adjustment mostly hands the reused steps' share of the trajectory to the 
 latents then end about 4-9x farther from the uncached ones than plain residual reuse with the same set
 (relative L2 ≈ 0.02-0.05 against ≈ 0.005), and rectification alone changes the distance by only ±10%. Random
 weights say little about trained models; these numbers are why no test claims that ERTACache beats plain reuse.
+* **Why timestep adjustment is opt-in** (deviation: the paper applies it). Our reconstruction of φ could not
+  be checked against the official code, and every measurement we have says it hurts: on the random-weight
+  FLUX models above, and on the trained bundled DiT (``BENCHMARKS.md``: same calibrated reuse set, 50 steps,
+  16.4 dB PSNR and FID 47 with the adjustment, 37.5 dB with reuse and rectification alone). So the default is
+  reuse set + rectification; ``adjust_timesteps=True`` turns part (b) on, to experiment with or to verify
+  once the official code is readable.
 * **Step-size bookkeeping.** The adjusted step replaces the scheduler's Euler update by the same formula with
   the adjusted Δσ, in fp32 like diffusers, after calling the wrapped ``step`` (so step indices, the step
   tracker and any other wrapper still run). While no step has been changed (no reuse, or φ = 1), the
@@ -121,6 +127,7 @@ class ERTACacheConfig(CacheConfig):
     threshold: λ, the largest relative L1 error of a reused residual (> 0); used by ``calibrate()`` only.
     rectify: subtract the calibrated linear error model from reused residuals.
     adjust_timesteps: shrink Euler steps on reused steps by φ and rescale the rest (flow-matching schedulers).
+        Off by default, a deviation from the paper: see "Why timestep adjustment is opt-in" above.
     adjust_model_time: with adjusted steps, pass the denoiser the timestep of the adjusted trajectory (ours).
     merge: how calibration samples' errors are merged when selecting the reuse set: ``"mean"`` or ``"max"``.
     warmup: first steps always computed (>= 1). cooldown: last steps always computed (>= 1).
@@ -132,7 +139,7 @@ class ERTACacheConfig(CacheConfig):
     method: ClassVar[str] = "ertacache"
     threshold: float = 0.1
     rectify: bool = True
-    adjust_timesteps: bool = True
+    adjust_timesteps: bool = False
     adjust_model_time: bool = False
     merge: str = "mean"
     warmup: int = 1
