@@ -182,3 +182,25 @@ def test_peak_call_memory_counts_live_bytes_views_included():
             x = x * 2  # one buffer replaces another: the peak stays at 2 MiB
 
     assert peak_call_memory(chain) == 2 * (1 << 20)
+
+
+def test_paired_speedups_pair_each_variant_with_the_reference_run_just_before_it():
+    """A fake clock: the machine slows down linearly over time; each call costs its work times the slowdown."""
+    from difcache.eval.timing import paired_speedups
+
+    now = [0.0]
+    order = []
+
+    def call(name, work):
+        def run():
+            order.append(name)
+            now[0] += work * (1.0 + now[0] / 100.0)  # drift: later calls are slower (~20 % over the run)
+
+        return run
+
+    variants = {"ref": call("ref", 1.0), "fast": call("fast", 0.5), "slow": call("slow", 2.0)}
+    medians, speedups = paired_speedups(variants, "ref", repeats=3, warmup=1, clock=lambda: now[0])
+    assert order[:4] == ["ref", "fast", "ref", "slow"] and len(order) == 16
+    # Within a pair the drift is small, so ratios stay near the true 2x and 0.5x.
+    assert abs(speedups["fast"] - 2.0) < 0.1 and abs(speedups["slow"] - 0.5) < 0.05
+    assert set(medians) == {"ref", "fast", "slow"} and "ref" not in speedups

@@ -6,7 +6,8 @@ For each variant (a difcache config or an alternative's setting) on one pipeline
 * ideal speedup: denoiser FLOPs of an uncached call / of the cached call, counted the same way for every
   variant (a FLOP counter around the whole call, denoiser forwards only), so difcache and the alternatives are
   measured by one ruler;
-* measured speedup: interleaved median wall times (uncached, A, B, ..., uncached, A, B, ...), each variant
+* measured speedup: the median, over rounds, of the ratio of an uncached call to the variant's call timed
+  right after it (uncached, A, uncached, B, ...; :func:`~difcache.eval.timing.paired_speedups`), each variant
   applied before and removed after its timed call;
 * oracle speedup and engine efficiency (difcache variants): the uncached time minus the measured time of the
   units it skipped (an instrumented uncached run), and measured / oracle;
@@ -40,7 +41,7 @@ from difcache.api import find_denoiser
 from difcache.engine.flops import _CUSTOM
 from difcache.eval.alternatives import ALTERNATIVES
 from difcache.eval.memory import peak_call_memory
-from difcache.eval.timing import interleaved_medians, oracle_speedup, time_units
+from difcache.eval.timing import oracle_speedup, paired_speedups, time_units
 
 
 @dataclass
@@ -213,15 +214,15 @@ def run_bench(
         timed[variant.label] = lambda v=variant: _resetting(target, removers.get(v.label)).call(target.seeds[0])
         setup[variant.label] = lambda v=variant: removers.__setitem__(v.label, v.apply())
         teardown[variant.label] = lambda v=variant: removers.pop(v.label)()
-    progress(f"timing {len(timed)} variants, {repeats} interleaved rounds")
-    medians = interleaved_medians(timed, repeats=repeats, setup=setup, teardown=teardown)
+    progress(f"timing {len(timed) - 1} variants, each paired with an uncached call, {repeats} rounds")
+    medians, speedups = paired_speedups(timed, "uncached", repeats=repeats, setup=setup, teardown=teardown)
     for row in rows:
-        if row.label in medians:
+        if row.label in speedups:
             row.seconds = medians[row.label]
-            row.measured_speedup = medians["uncached"] / medians[row.label]
+            row.measured_speedup = speedups[row.label]
     for label, (units, skipped) in skipped_units.items():
         row = next(r for r in rows if r.label == label)
-        times = time_units(units, lambda: target.call(target.seeds[0]), repeats=2)
+        times = time_units(units, lambda: target.call(target.seeds[0]), repeats=3)
         row.oracle_speedup = oracle_speedup(times, skipped)
         row.engine_efficiency = row.measured_speedup / row.oracle_speedup if row.measured_speedup else None
     return {
@@ -244,9 +245,9 @@ def run_bench(
 
 def markdown_table(report: dict) -> str:
     lines = [
-        f"**{report['target']}**, {report['steps']} steps, seeds {report['seeds']}, median of {report['repeats']} "
-        f"interleaved runs, uncached {report['uncached_seconds']:.3f}s, {report['threads']} threads, "
-        f"torch {report['torch']}.",
+        f"**{report['target']}**, {report['steps']} steps, seeds {report['seeds']}, measured: median of "
+        f"{report['repeats']} (uncached, variant) pairs, uncached {report['uncached_seconds']:.3f}s, "
+        f"{report['threads']} threads, torch {report['torch']}.",
         "",
         "| variant | measured | ideal | oracle | efficiency | PSNR dB | SSIM | FID | peak MiB | cache MiB | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -1,9 +1,10 @@
 """Timing as ``BENCHMARKS.md`` defines it: interleaved medians, per-unit times, oracle speedup, efficiency.
 
 Wall times on shared machines are noisy; ratios of runs interleaved in one process (A, B, A, B, ...) after a
-warm-up each are not. The *oracle* speedup is what a zero-overhead engine would reach with the same
-decisions on this machine: ``T / (T - time of the skipped units)``, with unit times from an instrumented
-uncached run. ``measured / oracle`` is the engine's efficiency.
+warm-up each are much less so, and ratios of adjacent pairs (:func:`paired_speedups`) least. The *oracle*
+speedup is what a zero-overhead engine would reach with the same decisions on this machine:
+``T / (T - time of the skipped units)``, with unit times from an instrumented uncached run.
+``measured / oracle`` is the engine's efficiency.
 """
 
 from __future__ import annotations
@@ -49,6 +50,48 @@ def interleaved_medians(
             if round_index >= warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_speedups(
+    variants: dict[str, Callable[[], Any]],
+    reference: str,
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: dict[str, Callable[[], Any]] | None = None,
+    teardown: dict[str, Callable[[], Any]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall times, and each variant's median speedup over ``variants[reference]`` from *paired* runs.
+
+    Every round times, for each other variant, the reference immediately followed by that variant, and takes
+    the ratio of the pair. A slow drift of the machine (another process, thermal or frequency changes) then
+    cancels within each pair instead of landing on whichever variants ran during it, as it does with one
+    reference run per round of many variants. Costs one extra reference run per variant and round.
+    ``setup``/``teardown`` run around each variant's timed call, outside the timing.
+    """
+    setup, teardown = setup or {}, teardown or {}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    ratios: dict[str, list[float]] = {name: [] for name in variants if name != reference}
+
+    def timed_call(name: str) -> float:
+        if name in setup:
+            setup[name]()
+        start = clock()
+        variants[name]()
+        elapsed = clock() - start
+        if name in teardown:
+            teardown[name]()
+        return elapsed
+
+    for round_index in range(warmup + repeats):
+        for name in ratios:
+            base, elapsed = timed_call(reference), timed_call(name)
+            if round_index >= warmup:
+                times[reference].append(base)
+                times[name].append(elapsed)
+                ratios[name].append(base / elapsed)
+    medians = {name: statistics.median(values) for name, values in times.items() if values}
+    return medians, {name: statistics.median(values) for name, values in ratios.items() if values}
 
 
 @dataclass
