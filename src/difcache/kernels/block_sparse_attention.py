@@ -167,23 +167,27 @@ def gather_blocks(
 ) -> torch.Tensor:
     """``x [B, H, N, D]``, ``idx [B, H, M, K]`` -> ``[B, H, M, K * block_size, D]``: the listed blocks of each row.
 
-    One ``index_select`` over whole blocks (each a contiguous ``block_size * D`` run) — several times faster on
-    CPU than advanced indexing. ``out``: a tensor returned by an earlier call, whose memory is reused when it is
-    large enough. Reuse matters on CPU: writing into memory already touched runs at copy speed, while a fresh
-    allocation of this size is page-faulted in on first touch, which costs ~5× the copy (measured in
-    ``kernels/block_sparse_attention/NOTES.md``).
+    One ``index_select`` over whole blocks (each a contiguous ``block_size * D`` run), several times faster on
+    CPU than advanced indexing; ``out`` as in :func:`select_rows`.
     """
     blocks = pad_blocks(x, block_size)  # [B, H, Mk, S, D]
     bsz, heads, mk = blocks.shape[:3]
     rows = blocks.reshape(bsz * heads * mk, block_size * x.shape[-1])
     base = torch.arange(bsz * heads, device=x.device).view(bsz, heads, 1, 1) * mk
-    flat = (idx.long() + base).reshape(-1)
-    numel = flat.numel() * rows.shape[1]
-    if out is None or out.numel() < numel or out.dtype != x.dtype or out.device != x.device:
-        out = torch.empty(numel, dtype=x.dtype, device=x.device)
-    dest = out.view(-1)[:numel].view(flat.numel(), rows.shape[1])
-    torch.index_select(rows, 0, flat, out=dest)
-    return dest.view(*idx.shape[:3], idx.shape[3] * block_size, x.shape[-1])
+    gathered = select_rows(rows, (idx.long() + base).reshape(-1), out)
+    return gathered.view(*idx.shape[:3], idx.shape[3] * block_size, x.shape[-1])
+
+
+def select_rows(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows[index]`` (``rows`` 2-D), written into ``out``'s memory when ``out`` (a tensor returned by an earlier
+    call) is large enough. Reuse matters on CPU: writing into memory already touched runs at copy speed, while a
+    fresh allocation of a gather this size is page-faulted in on first touch, which costs several times the copy
+    (``kernels/block_sparse_attention/NOTES.md``, v3)."""
+    numel = index.numel() * rows.shape[1]
+    if out is None or out.numel() < numel or out.dtype != rows.dtype or out.device != rows.device:
+        out = torch.empty(numel, dtype=rows.dtype, device=rows.device)
+    dest = out.view(-1)[:numel].view(index.numel(), rows.shape[1])
+    return torch.index_select(rows, 0, index, out=dest)
 
 
 def masked_softmax_av(
@@ -214,7 +218,7 @@ def block_sparse_attention_torch(
     kv_cnt: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
-    heads_per_chunk: int = 1,
+    heads_per_chunk: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention by gathering each row's key blocks: exact, cost proportional to kept blocks.
 
@@ -257,7 +261,7 @@ def _valid_keys(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int, n: 
 # Bytes of gathered K and V per chunk of query blocks on CPU: small enough to stay in the caches between the
 # gather and the kernel that reads it. Measured at N 8192, D 64, block 128, density 0.156, one thread: gathering
 # all query blocks of a head at once ran at 3.7x dense, chunks of 1-16 query blocks at 4.2-4.6x.
-_CPU_CHUNK_BYTES = 8 << 20
+CPU_CHUNK_BYTES = 8 << 20
 
 
 def _gathered_cpu(
@@ -271,7 +275,7 @@ def _gathered_cpu(
     b, h, n, d = q.shape
     m, width = kv_idx.shape[2:]
     per_block = 2 * width * block_size * d * 4  # gathered K and V of one query block, fp32
-    chunk = max(1, min(m, _CPU_CHUNK_BYTES // per_block))
+    chunk = max(1, min(m, CPU_CHUNK_BYTES // per_block))
     all_valid = bool(valid.all())
     out = torch.empty(b, h, m * block_size, d, dtype=torch.float32)
     lse = torch.empty(b, h, m * block_size, dtype=torch.float32)

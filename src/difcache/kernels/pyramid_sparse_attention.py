@@ -31,10 +31,11 @@ from difcache.kernels._common import (
     triton,
 )
 from difcache.kernels.block_sparse_attention import (
-    _CPU_CHUNK_BYTES,
+    CPU_CHUNK_BYTES,
     fused_block_attention,
     gather_blocks,
     masked_softmax_av,
+    select_rows,
 )
 
 LEVELS = 4  # pooling factors 1, 2, 4, 8
@@ -311,12 +312,12 @@ def _pyramid_cpu(
                 continue
             kp, vp = (_level_rows(x[bi, hi].float(), block_size, m) for x in (k, v))
             qb = pad_blocks(q[bi : bi + 1, hi : hi + 1].float(), block_size)
-            chunk = max(1, min(m, _CPU_CHUNK_BYTES // (2 * length * g * d * 4)))
+            chunk = max(1, min(m, CPU_CHUNK_BYTES // (2 * length * g * d * 4)))
             for m0 in range(0, m, chunk):
                 blocks = slice(m0, min(m, m0 + chunk))
                 flat = rows[bi, hi, blocks, :length].reshape(-1)
-                kg = _select(kp, flat, kg).view(1, 1, -1, length * g, d)
-                vg = _select(vp, flat, vg).view(1, 1, -1, length * g, d)
+                kg = select_rows(kp, flat, kg).view(1, 1, -1, length * g, d)
+                vg = select_rows(vp, flat, vg).view(1, 1, -1, length * g, d)
                 bias = bias_rows.index_select(0, flat).view(1, 1, -1, 1, length * g)
                 listed_rows = ok[bi, hi, blocks, :length, None].expand(-1, -1, g).reshape(bias.shape)
                 bias.masked_fill_(~listed_rows, -math.inf)
@@ -340,15 +341,6 @@ def _level_rows(x: torch.Tensor, block_size: int, m: int) -> torch.Tensor:
     """``x [N, D]`` -> every level padded to ``m`` blocks and stacked as rows of ``block_size / 8`` tokens."""
     levels = [pad_blocks(pool_tokens(x[None, None], 2**level)[0], block_size >> level) for level in range(LEVELS)]
     return torch.cat([lv.reshape(-1, x.shape[1]) for lv in levels]).view(-1, (block_size // 8) * x.shape[1])
-
-
-def _select(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-    """``rows[index]`` written into ``buffer``'s memory when it is large enough (see ``gather_blocks``)."""
-    numel = index.numel() * rows.shape[1]
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=rows.dtype)
-    dest = buffer.view(-1)[:numel].view(index.numel(), rows.shape[1])
-    return torch.index_select(rows, 0, index, out=dest)
 
 
 def pyramid_sparse_attention_reference(
