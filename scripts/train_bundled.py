@@ -3,7 +3,7 @@
     python scripts/train_bundled.py dit --steps 6000          # class-conditional pixel DiT, rectified flow
     python scripts/train_bundled.py unet --steps 6000         # UNet2DModel, DDPM epsilon objective, DDIM sampling
     python scripts/train_bundled.py classifier --steps 1500   # CNN on the same shapes: features for offline FID
-    python scripts/train_bundled.py video --steps 4000        # tiny Wan video DiT on moving shapes
+    python scripts/train_bundled.py video --steps 3000        # tiny Wan video DiT on moving shapes
 
 Writes ``src/difcache/models/weights/<name>.safetensors`` and ``<name>.json`` (model config and training
 facts), and under ``docs/models/``: a loss curve (CSV) and sample grids, the last one ``<name>_samples.png``.
@@ -230,7 +230,7 @@ def train_video(steps: int, seed: int) -> None:
         _save("video", model, {"training": facts, "history": history, "classes": CLASSES},
               {"class_embeddings": embeddings.detach().half()})  # fmt: skip
 
-    facts = _train("video", holder, loss_fn, _batches(data, labels, 32, gen), steps, 5e-4, sample, 200, save)
+    facts = _train("video", holder, loss_fn, _batches(data, labels, 32, gen), steps, 1e-3, sample, 250, save)
     save(facts)
 
 

@@ -101,7 +101,7 @@ def test_missing_weights_error_names_the_training_command(tmp_path, monkeypatch)
 
 @needs("video")
 def test_sparse_attention_on_the_trained_video_model():
-    """Density 1 is exact; top-k 0.25, PSA 0.25 and top-p 0.9 stay near dense, PSA above top-k at equal density."""
+    """Density 1 is exact; top-k 0.5 and 0.25, PSA 0.25 and top-p 0.9 stay near dense; error grows as density falls."""
     pipe = load("video")
     pipe.set_progress_bar_config(disable=True)
 
@@ -115,6 +115,7 @@ def test_sparse_attention_on_the_trained_video_model():
     scores = {}
     settings = {
         "full": {"method": "topk", "density": 1.0},
+        "topk_half": {"method": "topk", "density": 0.5},
         "topk": {"method": "topk", "density": 0.25},
         "psa": {"method": "psa", "density": 0.25},
         "topp": {"method": "topp", "p": 0.9},
@@ -125,7 +126,8 @@ def test_sparse_attention_on_the_trained_video_model():
         scores[name] = psnr(frames(out), frames(dense))
         if name == "full":
             assert torch.allclose(out, dense, atol=1e-5)
-    # floors ~2.5 dB under the trained model's 19.6 / 22.8 / 28.7 dB
-    assert scores["topk"] > 17 and scores["psa"] > 20 and scores["topp"] > 26, scores
-    assert scores["psa"] > scores["topk"], scores
+    # floors ~2.5 dB under the trained model's 23.8 (top-k) / 22.3 (PSA) / 30.2 (top-p) dB. PSA is not asserted
+    # above top-k: on this model it is not (BENCHMARKS.md, sparse attention).
+    assert scores["topk"] > 21 and scores["psa"] > 19.5 and scores["topp"] > 27.5, scores
+    assert scores["topp"] > scores["topk_half"] > scores["topk"], scores  # work ~0.77 > 0.5 > 0.25
     assert torch.equal(run(), dense)  # removal restores dense attention exactly

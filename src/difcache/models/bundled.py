@@ -64,8 +64,8 @@ def build(name: str) -> torch.nn.Module:
         )  # fmt: skip
     if name == "video":
         return WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
-            text_dim=32, freq_dim=64, ffn_dim=256, num_layers=6, cross_attn_norm=True, rope_max_seq_len=64,
+            patch_size=(2, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+            text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True, rope_max_seq_len=64,
         )  # fmt: skip
     if name == "classifier":
         return ShapeClassifier()
