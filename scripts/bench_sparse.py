@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from difcache.attention import SparseAttentionConfig, apply_sparse_attention
 from difcache.attention.runtime import select_pattern
 from difcache.eval.timing import interleaved_medians
-from difcache.kernels import block_sparse_attention_flex, block_sparse_attention_torch, resolve_backend
+from difcache.kernels import (
+    block_sparse_attention_cpp,
+    block_sparse_attention_flex,
+    block_sparse_attention_torch,
+    cpu_extension,
+    resolve_backend,
+)
 
 
 def kernel_bench(args: argparse.Namespace) -> dict:
@@ -45,11 +51,15 @@ def kernel_bench(args: argparse.Namespace) -> dict:
         "flex": lambda: block_sparse_attention_flex(q, k, v, idx, cnt, bs),
         "torch": lambda: block_sparse_attention_torch(q, k, v, idx, cnt, bs),
     }
+    if cpu_extension.load() is not None:
+        variants["cpp"] = lambda: block_sparse_attention_cpp(q, k, v, idx, cnt, bs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # correctness of the timed paths on this very pattern, against the torch path
         ref = block_sparse_attention_torch(q, k, v, idx, cnt, bs)[0]
         err = (block_sparse_attention_flex(q, k, v, idx, cnt, bs)[0] - ref).abs().max().item()
+        if "cpp" in variants:
+            err = max(err, (variants["cpp"]()[0] - ref).abs().max().item())
         times = interleaved_medians(variants, repeats=args.repeats, warmup=1)
     bound = 1.0 / density
     result = {
@@ -58,7 +68,7 @@ def kernel_bench(args: argparse.Namespace) -> dict:
         "bound": bound,
         "selected_cpu_path": selected,
         "threads": torch.get_num_threads(),
-        "max_abs_err_flex_vs_torch": err,
+        "max_abs_err_vs_torch": err,
         "seconds": times,
         "speedup": {name: times["dense_sdpa"] / t for name, t in times.items() if name != "dense_sdpa"},
     }
@@ -66,7 +76,7 @@ def kernel_bench(args: argparse.Namespace) -> dict:
           f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved runs")  # fmt: skip
     print("| path | median s | speedup vs dense | fraction of 1/density |\n|---|---|---|---|")
     print(f"| dense SDPA | {times['dense_sdpa']:.3f} | 1.00x | |")
-    for name in ("torch", "flex"):
+    for name in [n for n in ("cpp", "torch", "flex") if n in variants]:
         s = result["speedup"][name]
         mark = " (selected CPU path)" if name == selected else ""
         print(f"| {name}{mark} | {times[name]:.3f} | {s:.2f}x | {s / bound:.2f} |")

@@ -1,4 +1,5 @@
-"""Block-sparse attention: the torch (gathered) path and FlexAttention against the dense fp32 reference."""
+"""Block-sparse attention: the torch (gathered) path, the C++ CPU kernel and FlexAttention against the dense fp32
+reference."""
 
 import math
 
@@ -10,9 +11,11 @@ from hypothesis import strategies as st
 
 from difcache.errors import DifcacheError
 from difcache.kernels import (
+    block_sparse_attention_cpp,
     block_sparse_attention_flex,
     block_sparse_attention_reference,
     block_sparse_attention_torch,
+    cpu_extension,
     resolve_backend,
 )
 from difcache.kernels.flex import block_mask_of
@@ -39,6 +42,11 @@ def qkv(b, h, hk, n, d, dtype=torch.float32, seed=0):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def _cpp():
+    """The C++ kernel among the implementations under test, where it builds."""
+    return (block_sparse_attention_cpp,) if cpu_extension.load() is not None else ()
+
+
 def rel_rms(a, b):
     return (
         (a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-12)
@@ -60,6 +68,38 @@ def test_torch_path_matches_reference(b, hk, group, n, d, block, seed):
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)  # -inf where a row lists no block
 
 
+needs_cpp = pytest.mark.skipif(cpu_extension.load() is None, reason="the C++ CPU kernel could not be built here")
+
+
+@needs_cpp
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 2), hk=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(1, 300),
+    d=st.sampled_from([8, 16, 60, 64]), block=st.sampled_from([16, 32, 64]), seed=st.integers(0, 10_000),
+)  # fmt: skip
+def test_cpp_kernel_matches_reference(b, hk, group, n, d, block, seed):
+    h = hk * group
+    q, k, v = qkv(b, h, hk, n, d, seed=seed)
+    idx, cnt = random_lists(b, h, n, block, seed=seed)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block)
+    out, lse = block_sparse_attention_cpp(q, k, v, idx, cnt, block)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)  # -inf where a row lists no block
+
+
+@needs_cpp
+def test_cpp_kernel_half_precision_and_bad_lists():
+    q, k, v = qkv(1, 2, 2, 200, 64, torch.bfloat16)
+    idx, cnt = random_lists(1, 2, 200, 64, seed=2)
+    ref, _ = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx, cnt, 64)
+    out, _ = block_sparse_attention_cpp(q, k, v, idx, cnt, 64)
+    assert out.dtype == torch.bfloat16 and rel_rms(out, ref) < 5e-3
+    bad = idx.clone()
+    bad[0, 0, 0, 0] = 4  # 200 tokens make 4 blocks: index 4 is out of range (the kernel would read past K)
+    with pytest.raises(DifcacheError, match="listed kv_idx"):
+        block_sparse_attention_cpp(q, k, v, bad, torch.full_like(cnt, 4), 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_path_half_precision(dtype):
     q, k, v = qkv(2, 4, 2, 333, 64, dtype)
@@ -75,7 +115,7 @@ def test_density_one_is_dense_sdpa(n):
     q, k, v = qkv(1, 2, 2, n, 32)
     idx, cnt = random_lists(1, 2, n, 32, density=1.0)
     dense = F.scaled_dot_product_attention(q, k, v)
-    for fn in (block_sparse_attention_reference, block_sparse_attention_torch):
+    for fn in (block_sparse_attention_reference, block_sparse_attention_torch, *_cpp()):
         out, _ = fn(q, k, v, idx, cnt, 32)
         torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-5)
 
@@ -83,7 +123,7 @@ def test_density_one_is_dense_sdpa(n):
 def test_density_zero_gives_zero_and_minus_inf():
     q, k, v = qkv(1, 2, 2, 100, 16)
     idx, cnt = random_lists(1, 2, 100, 32, density=0.0)
-    for fn in (block_sparse_attention_reference, block_sparse_attention_torch):
+    for fn in (block_sparse_attention_reference, block_sparse_attention_torch, *_cpp()):
         out, lse = fn(q, k, v, idx, cnt, 32)
         assert torch.equal(out, torch.zeros_like(out))
         assert torch.isneginf(lse).all()
@@ -163,9 +203,12 @@ def test_flex_compiled_matches_reference():
 
 def test_backend_choice_by_device_and_override():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=100) == "torch"
-    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=8192) == "torch"
-    assert resolve_backend("auto", cpu, pyramid=True, n_tokens=8192) == "torch"
+    block_sparse = "cpp" if cpu_extension.load() is not None else "torch"
+    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=100) == block_sparse
+    assert resolve_backend("auto", cpu, pyramid=False, n_tokens=8192) == block_sparse
+    assert resolve_backend("auto", cpu, pyramid=True, n_tokens=8192) == "torch"  # PSA: no C++ kernel
+    with pytest.raises(DifcacheError, match="not PSA"):
+        resolve_backend("cpp", cpu, pyramid=True, n_tokens=10)
     assert resolve_backend("reference", cpu, pyramid=True, n_tokens=10) == "reference"
     with pytest.raises(DifcacheError, match="pooled PSA"):
         resolve_backend("flex", cpu, pyramid=True, n_tokens=10)

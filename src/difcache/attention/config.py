@@ -39,7 +39,7 @@ class SparseAttentionConfig:
         warmup_steps: dense steps first: an int count, or a float fraction of the steps in [0, 1).
         dense_layers: the first this many attention layers stay dense (>= 0).
         reuse_steps: a selected pattern serves this many steps (>= 1; 1 recomputes every step).
-        backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"flex"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``, ``"flex"`` or ``"reference"``.
     """
 
     VERSION: ClassVar[int] = 1

@@ -4,11 +4,13 @@
 * ``pyramid_sparse_attention*`` - listed key blocks at pooled levels of detail, PSA (:mod:`.pyramid_sparse_attention`);
 * ``block_sparse_attention_flex`` - the same through compiled FlexAttention (:mod:`.flex`).
 
-Backends: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"torch"`` (gathered blocks, any
-device; on CPU through ATen's fused flash kernel), ``"flex"`` (compiled FlexAttention, block-sparse only),
-``"reference"`` (dense fp32, O(N^2) memory), and ``"auto"``: Triton on CUDA when triton imports, the torch path
-otherwise. On CPU the fused torch path measured faster than compiled flex (N = 8192, density 0.156: 2.68x vs
-2.07x over dense SDPA, ``scripts/bench_sparse.py kernel``) and needs no compilation (flex: 5-25 s per shape).
+Backends: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU block-sparse: a C++
+kernel reading K/V blocks in place, built once on first use), ``"torch"`` (gathered blocks, any device; on CPU
+through ATen's fused flash kernel), ``"flex"`` (compiled FlexAttention, block-sparse only), ``"reference"``
+(dense fp32, O(N^2) memory), and ``"auto"``: Triton on CUDA when triton imports; on CPU the C++ kernel for
+block-sparse when it builds; the torch path otherwise (PSA on CPU, or no compiler). Measured at N = 8192,
+density 0.156 (``scripts/bench_sparse.py kernel``): cpp > torch > compiled flex (flex also compiles 5-25 s per
+shape); numbers in ``BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import torch
 
 from difcache.errors import DifcacheError
+from difcache.kernels import cpu_extension
 from difcache.kernels._common import interpreting, triton_available
 from difcache.kernels.block_sparse_attention import (
     block_sparse_attention,
+    block_sparse_attention_cpp,
     block_sparse_attention_reference,
     block_sparse_attention_torch,
 )
@@ -29,11 +33,12 @@ from difcache.kernels.pyramid_sparse_attention import (
     pyramid_sparse_attention_torch,
 )
 
-BACKENDS = ("auto", "triton", "torch", "flex", "reference")
+BACKENDS = ("auto", "triton", "cpp", "torch", "flex", "reference")
 
 __all__ = [
     "BACKENDS",
     "block_sparse_attention",
+    "block_sparse_attention_cpp",
     "block_sparse_attention_flex",
     "block_sparse_attention_reference",
     "block_sparse_attention_torch",
@@ -54,7 +59,13 @@ def resolve_backend(backend: str, device: torch.device, pyramid: bool, n_tokens:
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
+        if device.type == "cpu" and not pyramid and cpu_extension.load() is not None:
+            return "cpp"
         return "torch"
+    if backend == "cpp" and (device.type != "cpu" or pyramid):
+        raise DifcacheError("backend='cpp' is the CPU block-sparse kernel (not PSA); use backend='auto'.")
+    if backend == "cpp" and cpu_extension.load() is None:
+        raise DifcacheError("backend='cpp': the C++ CPU kernel could not be built (see the warning); use 'torch'.")
     if backend == "flex" and not flex_available():
         raise DifcacheError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5); use 'auto'.")
     if backend == "flex" and pyramid:
@@ -95,6 +106,7 @@ def sparse_attention(
         return block_sparse_attention_flex(q, k, v, kv_idx, kv_cnt, block_size, scale)
     fn = {
         "triton": block_sparse_attention,
+        "cpp": block_sparse_attention_cpp,
         "torch": block_sparse_attention_torch,
         "reference": block_sparse_attention_reference,
     }[backend]

@@ -8,12 +8,14 @@ The pattern format (one for every backend): for every batch ``b``, head ``h`` an
 natural-log normaliser, ``-inf`` for rows with no key block (their output is 0), so partial results can be
 merged exactly (e.g. with dense text columns).
 
-Three implementations, checked against each other in ``tests/test_kernels_block_sparse.py``:
+Four implementations, checked against each other in ``tests/test_kernels_block_sparse.py``:
 
 * :func:`block_sparse_attention` - Triton FlashAttention-style forward (online softmax over the listed
   blocks; Dao et al., FlashAttention, arXiv:2205.14135), compiled on CUDA, interpreted on CPU tensors.
 * :func:`block_sparse_attention_torch` - gathers the listed key blocks into small cache-resident chunks and
   runs them through ATen's fused CPU attention: the CPU execution path, cost proportional to the kept blocks.
+* :func:`block_sparse_attention_cpp` - a C++ CPU kernel (:mod:`difcache.kernels.cpu_extension`) that reads the
+  listed K/V blocks in place: the fastest CPU path where a compiler is available.
 * :func:`block_sparse_attention_reference` - dense fp32 masked softmax: plain and obviously right, O(N^2).
 """
 
@@ -23,6 +25,7 @@ import math
 
 import torch
 
+from difcache.errors import DifcacheError
 from difcache.kernels._common import (
     check_launchable,
     check_lists,
@@ -249,6 +252,40 @@ def block_sparse_attention_torch(
         out[:, hs] = o.flatten(2, 3)[:, :, :n].to(q.dtype)
         lse[:, hs] = l_.flatten(2, 3)[:, :, :n]
     return out, lse
+
+
+def block_sparse_attention_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    block_size: int = 128,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU, computed in fp32: the C++ FlashAttention-style kernel over the listed blocks, reading K and V in place
+    (``csrc/block_sparse_cpu.cpp``; built on first use). Same inputs and outputs as the other implementations."""
+    from difcache.kernels.cpu_extension import load
+
+    check_qkv(q, k, v, block_size)
+    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    if q.device.type != "cpu":
+        raise DifcacheError("block_sparse_attention_cpp runs on CPU tensors; use backend='auto' on other devices.")
+    extension = load()
+    if extension is None:
+        raise DifcacheError("The C++ CPU kernel could not be built (see the warning above); use backend='torch'.")
+    b, h, n, d = q.shape
+    m, width = kv_idx.shape[2:]
+    idx, cnt = kv_idx.long().contiguous(), kv_cnt.long().contiguous()
+    listed = torch.arange(width) < cnt[..., None]
+    if bool(((cnt < 0) | (cnt > width)).any() | (listed & ((idx < 0) | (idx >= m))).any()):
+        raise DifcacheError(f"kv_cnt must lie in [0, {width}] and listed kv_idx entries in [0, {m}).")
+    k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
+    q32, k32, v32 = (x.float().contiguous() for x in (q, k, v))
+    scale = d**-0.5 if scale is None else scale
+    out, lse = extension.block_sparse_forward(q32, k32, v32, idx, cnt, block_size, float(scale))
+    lse.masked_fill_((cnt == 0).repeat_interleave(block_size, dim=-1)[..., :n], -math.inf)  # rows with no block
+    return out.to(q.dtype), lse
 
 
 def _valid_keys(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
