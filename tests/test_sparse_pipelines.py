@@ -7,6 +7,7 @@ import difcache
 from difcache.attention import apply_sparse_attention
 from difcache.attention.runtime import SparseRuntime
 from difcache.errors import DifcacheError
+from difcache.kernels import cpu_extension
 from difcache.testing.families import output_of, tiny_pipeline
 from difcache.testing.families import tiny_call_kwargs as _call_kwargs
 
@@ -67,10 +68,12 @@ def test_full_pattern_through_the_sparse_kernels_matches_dense(pipes, family, mo
     """With the dense shortcut off, a full pattern goes through tiling, the kernels and the text merge."""
     monkeypatch.setattr(SparseRuntime, "DENSE_SHORTCUT", False)
     pipe, dense = pipes(family)
-    for settings in (dict(method="topk", density=1.0), dict(method="psa", density=1.0)):
+    block_sparse = "cpp" if cpu_extension.load() is not None else "torch"  # the automatic CPU kernels
+    cases = ((dict(method="topk", density=1.0), block_sparse), (dict(method="psa", density=1.0), "torch"))
+    for settings, kernel in cases:
         with apply_sparse_attention(pipe, **settings, **BLOCK) as handle:
             out = call(pipe, family)
-            assert handle.stats().backends == {"torch": handle.stats().sparse_calls}
+            assert handle.stats().backends == {kernel: handle.stats().sparse_calls}
         assert (out - dense).abs().max() <= 5e-5, settings
 
 
