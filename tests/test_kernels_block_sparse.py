@@ -53,38 +53,26 @@ def rel_rms(a, b):
     ).item()
 
 
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 2), hk=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(1, 300),
     d=st.sampled_from([8, 16, 60, 64]), block=st.sampled_from([16, 32, 64]), seed=st.integers(0, 10_000),
 )  # fmt: skip
-def test_torch_path_matches_reference(b, hk, group, n, d, block, seed):
+def test_cpu_paths_match_reference(impl, b, hk, group, n, d, block, seed):
+    if impl == "cpp" and cpu_extension.load() is None:
+        pytest.skip("the C++ CPU kernel could not be built here")
+    fn = {"torch": block_sparse_attention_torch, "cpp": block_sparse_attention_cpp}[impl]
     h = hk * group
     q, k, v = qkv(b, h, hk, n, d, seed=seed)
     idx, cnt = random_lists(b, h, n, block, seed=seed)
     ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block)
-    out, lse = block_sparse_attention_torch(q, k, v, idx, cnt, block)
+    out, lse = fn(q, k, v, idx, cnt, block)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)  # -inf where a row lists no block
 
 
 needs_cpp = pytest.mark.skipif(cpu_extension.load() is None, reason="the C++ CPU kernel could not be built here")
-
-
-@needs_cpp
-@settings(max_examples=25, deadline=None)
-@given(
-    b=st.integers(1, 2), hk=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(1, 300),
-    d=st.sampled_from([8, 16, 60, 64]), block=st.sampled_from([16, 32, 64]), seed=st.integers(0, 10_000),
-)  # fmt: skip
-def test_cpp_kernel_matches_reference(b, hk, group, n, d, block, seed):
-    h = hk * group
-    q, k, v = qkv(b, h, hk, n, d, seed=seed)
-    idx, cnt = random_lists(b, h, n, block, seed=seed)
-    ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block)
-    out, lse = block_sparse_attention_cpp(q, k, v, idx, cnt, block)
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)  # -inf where a row lists no block
 
 
 @needs_cpp
