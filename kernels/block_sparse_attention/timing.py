@@ -1,9 +1,9 @@
 """Timing of block-sparse attention against dense attention, with TFLOPS from an explicit FLOP count.
 
-    python kernels/block_sparse_attention/timing.py            # GPU: Triton vs SDPA; CPU: flex/torch vs SDPA
+    python kernels/block_sparse_attention/timing.py            # GPU: Triton vs SDPA; CPU: flex/torch/cpp vs SDPA
 
 On CUDA it times the Triton kernel with ``triton.testing.do_bench`` at video shapes; on CPU the compiled
-FlexAttention and gathered-torch paths at N=8192, H=8, D=64 fp32 (see scripts/bench_sparse.py for the
+FlexAttention, gathered-torch and C++ paths at N=8192, H=8, D=64 fp32 (see scripts/bench_sparse.py for the
 interleaved benchmark recorded in BENCHMARKS.md). FLOPs = 4 * D * kept (query, key) token pairs.
 """
 
@@ -18,7 +18,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _shapes import attention_flops, inputs, topk_lists, work_fraction  # noqa: E402
 
-from difcache.kernels import block_sparse_attention, block_sparse_attention_flex, block_sparse_attention_torch  # noqa: E402
+from difcache.kernels import (  # noqa: E402
+    block_sparse_attention,
+    block_sparse_attention_cpp,
+    block_sparse_attention_flex,
+    block_sparse_attention_torch,
+    cpu_extension,
+)
 
 
 def bench(fn, reps=5):
@@ -44,6 +50,8 @@ if torch.cuda.is_available():
 else:
     cases = [(1, 8, 8192, 64, torch.float32, 128)]
     paths = {"flex": block_sparse_attention_flex, "torch": block_sparse_attention_torch}
+    if cpu_extension.load() is not None:
+        paths["cpp"] = block_sparse_attention_cpp
     device = "cpu"
 print("| B,H,N,D | dtype | density | path | ms | dense ms | speedup | 1/density | TFLOPS |")
 print("|---|---|---|---|---|---|---|---|---|")
