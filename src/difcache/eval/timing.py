@@ -26,6 +26,24 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def _time_once(
+    name: str,
+    variants: dict[str, Callable[[], Any]],
+    setup: dict[str, Callable[[], Any]],
+    teardown: dict[str, Callable[[], Any]],
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Seconds of one call of ``variants[name]``; its ``setup``/``teardown`` run around it, outside the timing."""
+    if name in setup:
+        setup[name]()
+    start = clock()
+    variants[name]()
+    elapsed = clock() - start
+    if name in teardown:
+        teardown[name]()
+    return elapsed
+
+
 def interleaved_medians(
     variants: dict[str, Callable[[], Any]],
     repeats: int = 5,
@@ -41,12 +59,8 @@ def interleaved_medians(
     setup, teardown = setup or {}, teardown or {}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(warmup + repeats):
-        for name, fn in variants.items():
-            if name in setup:
-                setup[name]()
-            elapsed, _ = timed(fn)
-            if name in teardown:
-                teardown[name]()
+        for name in variants:
+            elapsed = _time_once(name, variants, setup, teardown)
             if round_index >= warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -72,20 +86,10 @@ def paired_speedups(
     setup, teardown = setup or {}, teardown or {}
     times: dict[str, list[float]] = {name: [] for name in variants}
     ratios: dict[str, list[float]] = {name: [] for name in variants if name != reference}
-
-    def timed_call(name: str) -> float:
-        if name in setup:
-            setup[name]()
-        start = clock()
-        variants[name]()
-        elapsed = clock() - start
-        if name in teardown:
-            teardown[name]()
-        return elapsed
-
     for round_index in range(warmup + repeats):
         for name in ratios:
-            base, elapsed = timed_call(reference), timed_call(name)
+            base = _time_once(reference, variants, setup, teardown, clock)
+            elapsed = _time_once(name, variants, setup, teardown, clock)
             if round_index >= warmup:
                 times[reference].append(base)
                 times[name].append(elapsed)
