@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difcache.kernels._common import expand_kv_heads, pad_blocks
+from difcache.kernels._common import expand_kv_heads, listed_slots, pad_blocks
 
 SKIP = -1  # level-map value of a skipped pair
 LEVELS = 4
@@ -79,7 +79,7 @@ class BlockPattern:
     def level_map(self) -> torch.Tensor:
         """``[B, H, M, M]`` int8: the level of every pair, ``SKIP`` where skipped."""
         b, h, m, width = self.kv_idx.shape
-        listed = torch.arange(width, device=self.kv_idx.device) < self.kv_cnt[..., None]
+        listed = listed_slots(self.kv_cnt, width)
         lvl = torch.zeros_like(self.kv_idx) if self.kv_lvl is None else self.kv_lvl
         out = torch.full((b, h, m, m + 1), SKIP, dtype=torch.int8, device=self.kv_idx.device)
         out.scatter_(3, torch.where(listed, self.kv_idx.long(), m), lvl.to(torch.int8))

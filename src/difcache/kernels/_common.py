@@ -105,6 +105,11 @@ def check_lists(
         )
 
 
+def listed_slots(kv_cnt: torch.Tensor, width: int) -> torch.Tensor:
+    """``[..., width]`` bool: which slots of each block list are in use (slot ``< kv_cnt``)."""
+    return torch.arange(width, device=kv_cnt.device) < kv_cnt[..., None]
+
+
 def pad_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[B, H, N, D]`` -> ``[B, H, M, block_size, D]``, zero-padding the last partial block."""
     n = x.shape[2]

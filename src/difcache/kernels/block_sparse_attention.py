@@ -32,6 +32,7 @@ from difcache.kernels._common import (
     check_qkv,
     expand_kv_heads,
     jit,
+    listed_slots,
     pad_blocks,
     tl,
     triton,
@@ -277,7 +278,7 @@ def block_sparse_attention_cpp(
     b, h, n, d = q.shape
     m, width = kv_idx.shape[2:]
     idx, cnt = kv_idx.long().contiguous(), kv_cnt.long().contiguous()
-    listed = torch.arange(width) < cnt[..., None]
+    listed = listed_slots(cnt, width)
     if bool(((cnt < 0) | (cnt > width)).any() | (listed & ((idx < 0) | (idx >= m))).any()):
         raise DifcacheError(f"kv_cnt must lie in [0, {width}] and listed kv_idx entries in [0, {m}).")
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
@@ -290,7 +291,7 @@ def block_sparse_attention_cpp(
 
 def _valid_keys(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
     """``[B, H, M, K * block_size]`` bool: gathered key slots that are listed and inside the sequence."""
-    listed = torch.arange(kv_idx.shape[3], device=kv_idx.device) < kv_cnt[..., None]  # [B, H, M, K]
+    listed = listed_slots(kv_cnt, kv_idx.shape[3])  # [B, H, M, K]
     in_seq = kv_idx.long()[..., None] * block_size + torch.arange(block_size, device=kv_idx.device) < n
     return (listed[..., None] & in_seq).flatten(3, 4)
 
@@ -299,6 +300,11 @@ def _valid_keys(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int, n: 
 # gather and the kernel that reads it. Measured at N 8192, D 64, block 128, density 0.156, one thread: gathering
 # all query blocks of a head at once ran at 3.7x dense, chunks of 1-16 query blocks at 4.2-4.6x.
 CPU_CHUNK_BYTES = 8 << 20
+
+
+def cpu_chunk(m: int, keys_per_block: int, d: int) -> int:
+    """Query blocks per CPU chunk: as many as keep their gathered fp32 K and V within ``CPU_CHUNK_BYTES``."""
+    return max(1, min(m, CPU_CHUNK_BYTES // (2 * keys_per_block * d * 4)))
 
 
 def _gathered_cpu(
@@ -311,8 +317,7 @@ def _gathered_cpu(
     where some slot is unlisted or past the sequence end."""
     b, h, n, d = q.shape
     m, width = kv_idx.shape[2:]
-    per_block = 2 * width * block_size * d * 4  # gathered K and V of one query block, fp32
-    chunk = max(1, min(m, CPU_CHUNK_BYTES // per_block))
+    chunk = cpu_chunk(m, width * block_size, d)
     all_valid = bool(valid.all())
     out = torch.empty(b, h, m * block_size, d, dtype=torch.float32)
     lse = torch.empty(b, h, m * block_size, dtype=torch.float32)
@@ -370,7 +375,7 @@ def block_sparse_attention_reference(
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     m = math.ceil(n / block_size)
-    listed = torch.arange(kv_idx.shape[-1], device=q.device) < kv_cnt[..., None]  # [B, H, M, K]
+    listed = listed_slots(kv_cnt, kv_idx.shape[-1])  # [B, H, M, K]
     block_mask = torch.zeros((b, h, m, m + 1), dtype=torch.bool, device=q.device)
     block_mask.scatter_(3, torch.where(listed, kv_idx.long(), m), True)  # unlisted slots go to column m
     token_mask = block_mask[..., :m].repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)

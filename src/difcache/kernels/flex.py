@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from difcache.kernels._common import check_lists, check_qkv
+from difcache.kernels._common import check_lists, check_qkv, listed_slots
 
 
 def flex_available() -> bool:
@@ -50,7 +50,7 @@ def block_mask_of(
     device = kv_idx.device
     n_kv = n + (0 if extra_valid is None else extra_valid.shape[1])
     m_kv = math.ceil(n_kv / block_size)
-    listed = torch.arange(width, device=device) < kv_cnt[..., None]
+    listed = listed_slots(kv_cnt, width)
     table = torch.zeros((b, h, m, m_kv + 1), dtype=torch.bool, device=device)
     table.scatter_(3, torch.where(listed, kv_idx.long(), m_kv), True)
     table = table[..., :m_kv]

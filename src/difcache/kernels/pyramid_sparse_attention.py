@@ -26,12 +26,13 @@ from difcache.kernels._common import (
     check_qkv,
     expand_kv_heads,
     jit,
+    listed_slots,
     pad_blocks,
     tl,
     triton,
 )
 from difcache.kernels.block_sparse_attention import (
-    CPU_CHUNK_BYTES,
+    cpu_chunk,
     fused_block_attention,
     gather_blocks,
     masked_softmax_av,
@@ -217,7 +218,7 @@ def level_lists(
     """The sub-lists of the blocks listed at ``level``: ``(idx [B, H, M, K_l], cnt [B, H, M])``, stable order."""
     width = kv_idx.shape[-1]
     slot = torch.arange(width, device=kv_idx.device)
-    hit = (slot < kv_cnt[..., None]) & (kv_lvl == level)
+    hit = listed_slots(kv_cnt, width) & (kv_lvl == level)
     order = torch.where(hit, slot, width + slot).argsort(dim=-1)  # hits first, in their original order
     cnt = hit.sum(dim=-1)
     k_l = int(cnt.max()) if cnt.numel() else 0
@@ -260,8 +261,7 @@ def pyramid_sparse_attention_torch(
         keys.append(gather_blocks(kl, idx, width))  # [B, H, M, K_l * width, D]
         values.append(gather_blocks(vl, idx, width))
         cols = idx.long()[..., None] * width + torch.arange(width, device=q.device)  # [B, H, M, K_l, width]
-        listed = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
-        valid = listed[..., None] & (cols < n_l)
+        valid = listed_slots(cnt, idx.shape[-1])[..., None] & (cols < n_l)
         bias = torch.where(valid, bias_l[cols.clamp_max(n_l - 1)], float("-inf")).flatten(3, 4)
         biases.append(bias[:, :, :, None, :])
     m = qb.shape[2]
@@ -296,8 +296,7 @@ def _pyramid_cpu(
     rows_per = 8 >> lvl
     sub = torch.arange(8)
     rows = (base[lvl] + kv_idx.long() * rows_per)[..., None] + sub
-    listed = torch.arange(width) < kv_cnt[..., None]
-    ok = ((sub < rows_per[..., None]) & listed[..., None]).flatten(3, 4)
+    ok = ((sub < rows_per[..., None]) & listed_slots(kv_cnt, width)[..., None]).flatten(3, 4)
     order = torch.argsort((~ok).to(torch.int8), dim=-1, stable=True)
     rows = torch.where(ok, rows.flatten(3, 4), 0).gather(-1, order)
     ok = ok.gather(-1, order)
@@ -312,7 +311,7 @@ def _pyramid_cpu(
                 continue
             kp, vp = (_level_rows(x[bi, hi].float(), block_size, m) for x in (k, v))
             qb = pad_blocks(q[bi : bi + 1, hi : hi + 1].float(), block_size)
-            chunk = max(1, min(m, CPU_CHUNK_BYTES // (2 * length * g * d * 4)))
+            chunk = cpu_chunk(m, length * g, d)
             for m0 in range(0, m, chunk):
                 blocks = slice(m0, min(m, m0 + chunk))
                 flat = rows[bi, hi, blocks, :length].reshape(-1)
@@ -360,7 +359,7 @@ def pyramid_sparse_attention_reference(
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     m = math.ceil(n / block_size)
-    listed = torch.arange(kv_idx.shape[-1], device=q.device) < kv_cnt[..., None]
+    listed = listed_slots(kv_cnt, kv_idx.shape[-1])
     level_map = torch.full((b, h, m, m + 1), -1, dtype=torch.long, device=q.device)
     level_map.scatter_(3, torch.where(listed, kv_idx.long(), m), kv_lvl.long())
     level_map = level_map[..., :m]  # [B, H, M, Mk]: -1 = skipped
