@@ -175,7 +175,12 @@ def run_bench(
     uncached_fid = fid(target) if fid is not None else None
     rows: list[Row] = []
     timed: dict[str, Callable[[], Any]] = {"uncached": lambda: target.call(target.seeds[0])}
-    removers: dict[str, Callable[[], None]] = {}
+    applied: dict[str, tuple[Callable[[], None], BenchTarget]] = {}  # label -> (remover, target to time)
+
+    def apply_for_timing(variant: Variant) -> None:
+        remove = variant.apply()
+        applied[variant.label] = (remove, _resetting(target, remove))  # built here, outside the timed call
+
     setup: dict[str, Callable[[], None]] = {}
     teardown: dict[str, Callable[[], None]] = {}
     skipped_units: dict[str, tuple[list, list[float]]] = {}
@@ -211,9 +216,9 @@ def run_bench(
             continue
         row.psnr = sum(psnr(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
         row.ssim = sum(ssim(outputs[s], references[s]) for s in target.seeds) / len(target.seeds)
-        timed[variant.label] = lambda v=variant: _resetting(target, removers.get(v.label)).call(target.seeds[0])
-        setup[variant.label] = lambda v=variant: removers.__setitem__(v.label, v.apply())
-        teardown[variant.label] = lambda v=variant: removers.pop(v.label)()
+        timed[variant.label] = lambda v=variant: applied[v.label][1].call(target.seeds[0])
+        setup[variant.label] = partial(apply_for_timing, variant)
+        teardown[variant.label] = lambda v=variant: applied.pop(v.label)[0]()
     progress(f"timing {len(timed) - 1} variants, each paired with an uncached call, {repeats} rounds")
     medians, speedups = paired_speedups(timed, "uncached", repeats=repeats, setup=setup, teardown=teardown)
     for row in rows:

@@ -26,6 +26,7 @@ import math
 import torch
 
 from difcache.errors import DifcacheError
+from difcache.kernels import cpu_extension
 from difcache.kernels._common import (
     check_launchable,
     check_lists,
@@ -266,13 +267,11 @@ def block_sparse_attention_cpp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU, computed in fp32: the C++ FlashAttention-style kernel over the listed blocks, reading K and V in place
     (``csrc/block_sparse_cpu.cpp``; built on first use). Same inputs and outputs as the other implementations."""
-    from difcache.kernels.cpu_extension import load
-
     check_qkv(q, k, v, block_size)
     check_lists(kv_idx, kv_cnt, q, k, block_size)
     if q.device.type != "cpu":
         raise DifcacheError("block_sparse_attention_cpp runs on CPU tensors; use backend='auto' on other devices.")
-    extension = load()
+    extension = cpu_extension.load()
     if extension is None:
         raise DifcacheError("The C++ CPU kernel could not be built (see the warning above); use backend='torch'.")
     b, h, n, d = q.shape
