@@ -104,3 +104,47 @@ def test_reuse_returns_last_output():
     a, b = torch.randn(3), torch.randn(3)
     state = forecaster.update(forecaster.update(None, 0, [a]), 3, [b])
     assert forecaster.predict(state, 5)[0] is b
+
+
+def _official_factors(history, order, warmup):
+    """The official recursion on plain factors (no folding, no buffer reuse): the reference for update()."""
+    factors = None
+    for step, value in history:
+        new = [value]
+        if factors is not None and step > warmup - 2:
+            previous_step, old = factors
+            distance = step - previous_step
+            for k in range(order):
+                if k >= len(old):
+                    break
+                new.append((new[k] - old[k]) / distance)
+        factors = (step, new)
+    return factors[1]
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_taylor_update_reuses_its_buffers_and_matches_the_official_recursion(order):
+    gen = torch.Generator().manual_seed(order)
+    forecaster = TaylorForecaster(order, warmup=2)
+    steps = [0, 1, 2, 5, 8, 9, 13, 16, 20, 21, 25]
+    history = [(s, torch.randn(64, generator=gen, dtype=torch.float64)) for s in steps]
+    state, pointers = None, []
+    for s, v in history:
+        state = forecaster.update(state, s, [v.float()])
+        pointers.append({t.data_ptr() for t in forecaster.tensors(state)[1:]})
+    expected = _official_factors(history, order, warmup=2)
+    assert len(state.factors) == order + 1
+    for got, want in zip(state.factors, expected, strict=True):
+        assert torch.allclose(got[0].double(), want, rtol=1e-4, atol=1e-4)
+    # At full order the difference buffers circulate: no new ones after the order has built up.
+    assert pointers[-1] == pointers[-2] == pointers[-3] and len(pointers[-1]) == order
+
+
+def test_taylor_update_never_writes_into_the_module_output():
+    forecaster = TaylorForecaster(order=2)
+    outputs = [torch.full((4,), float(s * s)) for s in range(6)]
+    copies = [o.clone() for o in outputs]
+    state = None
+    for s, o in enumerate(outputs):
+        state = forecaster.update(state, s, [o])
+    assert all(torch.equal(o, c) for o, c in zip(outputs, copies, strict=True))

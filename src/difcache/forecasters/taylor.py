@@ -46,6 +46,13 @@ class TaylorState:
         return [[None if t is None else t * s for t in term] for term, s in zip(self.terms, self.scales, strict=True)]
 
 
+def _difference(new: torch.Tensor | None, old: torch.Tensor | None, ratio: float, out: torch.Tensor | None):
+    """``new - ratio * old``, written into ``out`` when given (it may be ``old`` itself: elementwise, in place)."""
+    if new is None:
+        return None
+    return new.sub(old, alpha=ratio) if out is None else torch.sub(new, old, alpha=ratio, out=out)
+
+
 @dataclass(frozen=True)
 class TaylorForecaster:
     order: int
@@ -59,18 +66,26 @@ class TaylorForecaster:
 
             factor_{k+1} = (s_k' D_k' - s_k D_k) / d = (s_k' / d) * (D_k' - (s_k / s_k') D_k).
 
-        The values are the official recursion's up to float rounding (tested against it).
+        The values are the official recursion's up to float rounding (tested against it). ``state`` is
+        consumed: the new differences are written into its difference buffers (``D_k'`` overwrites ``D_k``,
+        the only place it is still read; ``D_1'`` takes the buffer of the highest term, which no new
+        difference reads), so a run at full order allocates nothing here (on CPU, fresh feature-sized tensors
+        every unit and step are fresh pages to fault in).
         """
         terms: list[Feature] = [[None if t is None else t.detach().float() for t in value]]
         scales = [1.0]
         if state is not None and step > self.warmup - 2:
             distance = step - state.step
+            spare = state.terms[self.order] if len(state.terms) > self.order >= 1 else None
             for k in range(self.order):
                 if k >= len(state.terms) or distance <= 0:
                     break
                 ratio = state.scales[k] / scales[k]
-                pairs = zip(terms[k], state.terms[k], strict=True)
-                terms.append([None if n is None else torch.sub(n, o, alpha=ratio) for n, o in pairs])
+                # terms[0] of the old state is a module output (not ours to overwrite); the others are ours.
+                buffers = state.terms[k] if k > 0 else (spare or [None] * len(value))
+                terms.append(
+                    [_difference(n, o, ratio, b) for n, o, b in zip(terms[k], state.terms[k], buffers, strict=True)]
+                )
                 scales.append(scales[k] / distance)
         dtypes = [None if t is None else t.dtype for t in value]
         # One reduction instead of an elementwise pass: a sum is non-finite iff an entry is (or it overflows,
