@@ -69,6 +69,41 @@ def test_teacache_on_flux_skips_stack_and_stays_close(indicator):
     assert torch.equal(pipe(20), reference)
 
 
+def _tiny_dit_pipeline():
+    from difcache.models import bundled
+
+    torch.manual_seed(0)
+    pipe = bundled.dit_pipeline(bundled.build("dit").eval())  # eval: no random class-label dropout
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, lambda: pipe([0, 1], num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("family", ["flux", "dit"])
+@pytest.mark.parametrize("threshold", [1e-9, 0.5])
+def test_modulated_input_runs_block_zero_norm1_once_per_call(family, threshold):
+    if family == "flux":
+        pipe = FluxLoop()
+        model, run = pipe.transformer, lambda: pipe(8)
+    else:
+        pipe, run = _tiny_dit_pipeline()
+        model = pipe.transformer
+    reference = run()
+    linear = model.transformer_blocks[0].norm1.linear  # runs once per real norm1 call
+    calls: list[int] = []
+    hook = linear.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with difcache.apply_cache(pipe, "teacache", threshold=threshold, coefficients=(1.0, 0.0)) as h:
+            cached = run()
+            stats = h.stats()
+    finally:
+        hook.remove()
+    assert len(calls) == stats.calls  # the indicator's call is the block's: never twice in one denoiser call
+    if threshold < 1e-6:  # every step computed: the memoised norm1 gives exactly the uncached result
+        assert stats.units[0].reuse == 0 and torch.equal(cached, reference)
+    else:
+        assert stats.units[0].reuse > 0
+
+
 def test_first_block_variant_always_computes_block_zero():
     pipe = FluxLoop()
     with difcache.apply_cache(pipe, "teacache", threshold=0.5, indicator="first_block_residual") as h:

@@ -25,6 +25,7 @@ always computed (Wan: the first 5, as with ``ret_steps``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,7 +38,7 @@ from difcache.calibration import CalibrationSession
 from difcache.config import CacheConfig, check_choice, check_float, check_int
 from difcache.engine.hooks import register
 from difcache.engine.plan import Plan
-from difcache.engine.range_scope import BlockRangeScope, SignalFn, _Streams
+from difcache.engine.range_scope import BlockRangeScope, _Streams
 from difcache.errors import DifcacheError
 from difcache.forecasters.reuse import ReuseForecaster
 from difcache.methods.registry import register_calibrator, register_method
@@ -100,26 +101,75 @@ class TeaCacheConfig(CacheConfig):
 
 
 # ---------------------------------------------------------------------------------------------- indicators
-def _modulated_input(family: str) -> SignalFn:
+def _norm1_arguments(family: str) -> Callable[[dict], tuple[tuple, dict]] | None:
+    """How block 0 calls its own ``norm1`` (the modulated input is that call's first output), by family."""
     if family in ("flux", "hunyuanvideo", "sd3"):
-        return lambda block, a: block.norm1(a["hidden_states"], emb=a["temb"])[0]
+        return lambda a: ((a["hidden_states"],), {"emb": a["temb"]})
     if family == "dit":
-        return lambda block, a: block.norm1(
-            a["hidden_states"], a["timestep"], a["class_labels"], hidden_dtype=a["hidden_states"].dtype
-        )[0]
-    if family == "pixart":
+        return lambda a: (
+            (a["hidden_states"], a["timestep"], a["class_labels"]),
+            {"hidden_dtype": a["hidden_states"].dtype},
+        )
+    return None
 
-        def pixart(block: torch.nn.Module, a: dict) -> torch.Tensor:
-            hidden, timestep = a["hidden_states"], a["timestep"]
-            table = block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
-            shift, scale = table[:, 0:1], table[:, 1:2]
-            return block.norm1(hidden) * (1 + scale) + shift
 
-        return pixart
-    raise DifcacheError(
-        f"TeaCache's modulated-input indicator is not available for {family!r}; use "
-        "indicator='timestep_embedding' or indicator='first_block_residual'."
+def _pixart_modulated_input(block: torch.nn.Module, a: dict) -> torch.Tensor:
+    """PixArt's ``adaLN-single`` modulation of block 0's input, recomputed (its ``norm1`` is a plain LayerNorm)."""
+    hidden, timestep = a["hidden_states"], a["timestep"]
+    table = block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
+    shift, scale = table[:, 0:1], table[:, 1:2]
+    return block.norm1(hidden) * (1 + scale) + shift
+
+
+class _Norm1Memo(ModelHook):
+    """Gives block 0 the ``norm1`` output the indicator already computed in this call.
+
+    TeaCache's modulated input *is* block 0's ``norm1`` output (with its timestep/class embedding MLP); the
+    official code computes it for the indicator and, on computed steps, again inside the block. The
+    indicator's call is remembered here and returned for the block's own call when that comes with the same
+    tensors (by identity) and arguments, so a computed step runs ``norm1`` once. Any other call runs normally.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._entry: tuple[tuple, dict, Any] | None = None
+
+    def call(self, norm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        output = norm(*args, **kwargs)
+        self._entry = (args, kwargs, output)
+        return output
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        entry, self._entry = self._entry, None
+        if entry is not None and _same_call(entry[0], entry[1], args, kwargs):
+            return entry[2]
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def _same_call(args: tuple, kwargs: dict, other_args: tuple, other_kwargs: dict) -> bool:
+    def same(a: Any, b: Any) -> bool:
+        return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+
+    return (
+        len(args) == len(other_args)
+        and kwargs.keys() == other_kwargs.keys()
+        and all(same(a, b) for a, b in zip(args, other_args, strict=True))
+        and all(same(v, other_kwargs[k]) for k, v in kwargs.items())
     )
+
+
+class _ModulatedInputScope(BlockRangeScope):
+    """The whole stack, with block 0's modulated input as the signal, computed once per call (:class:`_Norm1Memo`)."""
+
+    def __init__(self, layout: Layout, arguments: Callable[[dict], tuple[tuple, dict]]) -> None:
+        self.memo = _Norm1Memo()
+        self._norm = layout.blocks[0].module.norm1
+        super().__init__(
+            layout, [(0, len(layout.blocks) - 1)], signal=lambda block, a: self.memo.call(block.norm1, *arguments(a))[0]
+        )
+
+    def install(self, runtime: Any) -> list:
+        return [register(self._norm, self.memo, "difcache_norm1_memo"), *super().install(runtime)]
 
 
 class _FirstBlockProbe(ModelHook):
@@ -159,10 +209,16 @@ def _scope(config: TeaCacheConfig, layout: Layout) -> BlockRangeScope:
     if config.indicator == "first_block_residual":
         return _FirstBlockScope(layout)
     if config.indicator == "timestep_embedding":
-        signal: SignalFn = lambda block, a: a["temb"]  # noqa: E731
-    else:
-        signal = _modulated_input(layout.family)
-    return BlockRangeScope(layout, [(0, len(layout.blocks) - 1)], signal=signal)
+        return BlockRangeScope(layout, [(0, len(layout.blocks) - 1)], signal=lambda block, a: a["temb"])
+    arguments = _norm1_arguments(layout.family)
+    if arguments is not None:
+        return _ModulatedInputScope(layout, arguments)
+    if layout.family == "pixart":
+        return BlockRangeScope(layout, [(0, len(layout.blocks) - 1)], signal=_pixart_modulated_input)
+    raise DifcacheError(
+        f"TeaCache's modulated-input indicator is not available for {layout.family!r}; use "
+        "indicator='timestep_embedding' or indicator='first_block_residual'."
+    )
 
 
 @register_method(TeaCacheConfig, "TeaCache: skip the block stack while the accumulated indicator change is small")
