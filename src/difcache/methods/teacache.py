@@ -163,13 +163,13 @@ class _ModulatedInputScope(BlockRangeScope):
 
     def __init__(self, layout: Layout, arguments: Callable[[dict], tuple[tuple, dict]]) -> None:
         self.memo = _Norm1Memo()
-        self._norm = layout.blocks[0].module.norm1
+        self._first = layout.blocks[0].module
         super().__init__(
             layout, [(0, len(layout.blocks) - 1)], signal=lambda block, a: self.memo.call(block.norm1, *arguments(a))[0]
         )
 
     def install(self, runtime: Any) -> list:
-        return [register(self._norm, self.memo, "difcache_norm1_memo"), *super().install(runtime)]
+        return [register(self._first.norm1, self.memo, "difcache_norm1_memo"), *super().install(runtime)]
 
 
 class _FirstBlockProbe(ModelHook):
