@@ -12,17 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from difcache.models import CLASSES, load
-
-
-@torch.no_grad()
-def frame_accuracy(clips: torch.Tensor, labels: torch.Tensor, classifier: torch.nn.Module) -> torch.Tensor:
-    """Per-frame correctness ``[N * F]`` of clips ``[N, 3, F, H, W]`` in [0, 1] asked for classes ``labels``."""
-    frames = clips.movedim(2, 1).flatten(0, 1) * 2 - 1
-    predicted = classifier(F.interpolate(frames, size=32, mode="nearest")).argmax(1)
-    return predicted == labels.repeat_interleave(clips.shape[2])
 
 
 def main() -> None:
@@ -36,7 +27,7 @@ def main() -> None:
     labels = torch.arange(args.clips) % len(CLASSES)
     clips = pipe(labels.tolist(), num_inference_steps=args.steps, guidance_scale=args.guidance,
                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-    correct = frame_accuracy(clips, labels, classifier).float()
+    correct = classifier.recognised_frames(clips, labels).float()
     per_class = correct.view(args.clips, -1).mean(1)
     print(f"frames recognised as the requested class: {correct.mean():.1%} ({args.clips} clips, {args.steps} steps, "
           f"CFG {args.guidance})")  # fmt: skip

@@ -48,6 +48,14 @@ class ShapeClassifier(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    @torch.no_grad()
+    def recognised_frames(self, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per frame ``[N * F]``: is the frame of clip ``[N, 3, F, H, W]`` (in [0, 1]) classified as ``labels[n]``?
+        Frames are upscaled (nearest) to the 32×32 the classifier was trained on."""
+        frames = clips.movedim(2, 1).flatten(0, 1) * 2 - 1
+        predicted = self(torch.nn.functional.interpolate(frames, size=32, mode="nearest")).argmax(1)
+        return predicted == labels.to(predicted.device).repeat_interleave(clips.shape[2])
+
 
 def build(name: str) -> torch.nn.Module:
     """A freshly initialised model with the bundled architecture."""
