@@ -78,15 +78,30 @@ def test_classifier_recognises_fresh_shapes():
 
 
 @needs("classifier")
-def test_video_recognition_check_labels_rendered_clips_correctly():
-    """``scripts/video_recognition.py`` judges samples with the still-image classifier; on rendered clips it must
-    be right on every frame (else its verdict on samples would mean nothing), and wrong labels must count."""
-    from difcache.models.shapes import make_clips
+def test_recognition_check_labels_rendered_clips_correctly_and_refuses_frames_without_a_shape():
+    """``scripts/recognition.py`` judges samples with the still-image classifier and a size check. On rendered
+    clips it must be right on every frame here (else its verdict on samples would mean nothing), wrong labels
+    must count, and frames holding no shape of the data's size must be refused, which the classifier alone
+    does not do: it calls plain frames circles or triangles."""
+    from difcache.models.shapes import foreground_share, make_clips
 
     clips, labels = make_clips(16, seed=321)
+    clips, reference = (clips + 1) / 2, (make_clips(200, seed=1)[0] + 1) / 2
     classifier = load("classifier")
-    assert classifier.recognised_frames((clips + 1) / 2, labels).all()
-    assert not classifier.recognised_frames((clips + 1) / 2, (labels + 1) % len(CLASSES)).any()
+    assert classifier.recognised_frames(clips, labels, reference=reference).all()
+    assert not classifier.recognised_frames(clips, (labels + 1) % len(CLASSES), reference=reference).any()
+
+    shares = foreground_share(clips.movedim(2, 1).flatten(0, 1))
+    assert shares.min() > 0.05 and shares.max() < 0.35  # shapes of radius 0.20-0.28 of the frame
+    blank = torch.rand(16, 3, generator=torch.Generator().manual_seed(0)).view(16, 3, 1, 1, 1).expand(16, 3, 8, 16, 16)
+    blob = blank.clone()
+    blob[..., 1:15, 1:15] = 1 - blob[..., 1:15, 1:15]  # a different colour filling all but the border
+    assert foreground_share(blank.movedim(2, 1).flatten(0, 1)).eq(0).all()
+    for frames in (blank, blob):
+        alone = [classifier.recognised_frames(frames, torch.full((16,), k)) for k in range(len(CLASSES))]
+        assert sum(a.sum() for a in alone) == 16 * 8 and any(a.any() for a in alone)  # each frame gets some class
+        for k in range(len(CLASSES)):
+            assert not classifier.recognised_frames(frames, torch.full((16,), k), reference=reference).any()
 
 
 def test_video_pipeline_runs_with_random_weights():

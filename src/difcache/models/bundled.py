@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from difcache.errors import DifcacheError
 from difcache.models.pipelines import ShapesDiTPipeline, ShapesVideoPipeline
-from difcache.models.shapes import CLASSES
+from difcache.models.shapes import CLASSES, foreground_share
 
 WEIGHTS = Path(__file__).parent / "weights"
 NAMES = ("dit", "unet", "video", "classifier")
@@ -49,35 +50,54 @@ class ShapeClassifier(torch.nn.Module):
         return self.head(self.features(images))
 
     @torch.no_grad()
-    def recognised_frames(self, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per frame ``[N * F]``: is the frame of clip ``[N, 3, F, H, W]`` (in [0, 1]) classified as ``labels[n]``?
-        Frames are upscaled (nearest) to the 32×32 the classifier was trained on."""
-        frames = clips.movedim(2, 1).flatten(0, 1) * 2 - 1
-        predicted = self(torch.nn.functional.interpolate(frames, size=32, mode="nearest")).argmax(1)
-        return predicted == labels.to(predicted.device).repeat_interleave(clips.shape[2])
+    def recognised_frames(
+        self, clips: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per frame ``[N * F]``: is the frame of clip ``[N, 3, F, H, W]`` (in [0, 1]) a ``labels[n]``?
+
+        The classifier must name that class (frames are upscaled, nearest, to the 32×32 it was trained on). With
+        ``reference`` (rendered clips of the same data, in [0, 1]) the frame must also hold one shape of the
+        data's size: its foreground share (:func:`~difcache.models.shapes.foreground_share`) within the range
+        of the reference frames', widened by 10 %. Without that, a blank frame counts as a circle or a triangle
+        (the classifier labels plain colours so) and a blob filling the frame as whatever it resembles.
+        """
+        frames = clips.movedim(2, 1).flatten(0, 1)
+        predicted = self(torch.nn.functional.interpolate(frames * 2 - 1, size=32, mode="nearest")).argmax(1)
+        correct = predicted == labels.to(predicted.device).repeat_interleave(clips.shape[2])
+        if reference is not None:
+            share = foreground_share(frames)
+            bounds = foreground_share(reference.movedim(2, 1).flatten(0, 1)).aminmax()
+            correct &= (share >= 0.9 * bounds.min) & (share <= 1.1 * bounds.max)
+        return correct
 
 
-def build(name: str) -> torch.nn.Module:
-    """A freshly initialised model with the bundled architecture."""
-    if name == "dit":
-        return DiTTransformer2DModel(
-            sample_size=16, in_channels=3, out_channels=3, patch_size=2, num_layers=6, num_attention_heads=4,
-            attention_head_dim=32, num_embeds_ada_norm=len(CLASSES), norm_num_groups=32,
-        )  # fmt: skip
-    if name == "unet":
-        return UNet2DModel(
-            sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64, 96),
-            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-        )  # fmt: skip
-    if name == "video":
-        return WanTransformer3DModel(
-            patch_size=(2, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
-            text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True, rope_max_seq_len=64,
-        )  # fmt: skip
+# The bundled diffusers models: class and constructor arguments. Loading builds the class from the config saved
+# beside the weights instead, so weights and architecture always match.
+_ARCHITECTURES: dict[str, tuple[type, dict[str, Any]]] = {
+    "dit": (DiTTransformer2DModel, dict(
+        sample_size=16, in_channels=3, out_channels=3, patch_size=2, num_layers=6, num_attention_heads=4,
+        attention_head_dim=32, num_embeds_ada_norm=len(CLASSES), norm_num_groups=32,
+    )),
+    "unet": (UNet2DModel, dict(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64, 96),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    )),
+    "video": (WanTransformer3DModel, dict(
+        patch_size=(2, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+        text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True, rope_max_seq_len=64,
+    )),
+}  # fmt: skip
+
+
+def build(name: str, **overrides: Any) -> torch.nn.Module:
+    """A freshly initialised model with the bundled architecture (``overrides``: config fields to change)."""
     if name == "classifier":
-        return ShapeClassifier()
-    raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
+        return ShapeClassifier(**overrides)
+    if name not in _ARCHITECTURES:
+        raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
+    cls, config = _ARCHITECTURES[name]
+    return cls(**{**config, **overrides})
 
 
 def dit_pipeline(model: DiTTransformer2DModel) -> ShapesDiTPipeline:
@@ -118,7 +138,7 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     """The bundled pipeline (``"dit"``, ``"unet"``, ``"video"``) or the classifier, loaded offline."""
     state = load_file(_path(name, ".safetensors"))
     extra = {k: state.pop(k) for k in [k for k in state if k == "class_embeddings"]}
-    model = build(name)
+    model = build(name) if name == "classifier" else _ARCHITECTURES[name][0].from_config(info(name)["config"])
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model = model.to(device=device, dtype=dtype).eval()
     if name == "classifier":

@@ -94,6 +94,19 @@ def make_clips(n: int, frames: int = 8, size: int = 16, seed: int = 0) -> tuple[
     return x, labels
 
 
+def foreground_share(frames: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """``[N]``: the share of each frame ``[N, 3, H, W]`` (in [0, 1]) whose colour differs from the median colour of
+    the frame's border by more than ``threshold`` in some channel.
+
+    Rendered shapes sit on a plain background, inside the frame, so this is the shape's area: a blank frame
+    gives 0 and a blob filling the frame nearly 1. It lets a recognition check refuse frames that hold no
+    shape of the data's size, which a classifier trained only on shapes still assigns to some class.
+    """
+    border = torch.cat([frames[..., 0, :], frames[..., -1, :], frames[..., 1:-1, 0], frames[..., 1:-1, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return ((frames - background).abs().amax(dim=1) > threshold).float().mean(dim=(1, 2))
+
+
 def to_uint8_grid(images: torch.Tensor, columns: int) -> Image.Image:
     """Images in [-1, 1] or [0, 1] (``[N, 3, H, W]``) as one PNG-ready grid."""
     x = images.detach().float()
