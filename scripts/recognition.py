@@ -9,7 +9,7 @@ names the class that was asked for **and** the frame holds one shape of the data
 lies within the range of rendered frames' (``ShapeClassifier.recognised_frames`` with a reference). The size
 check matters: the classifier labels a blank frame a circle or a triangle, and a blob filling the frame as
 whatever it resembles, so on its own it counts degenerate samples as shapes (the first version of this check
-did, and reported 44.9 % for the video model where this one finds 20 %). Rendered video frames pass 97-99 %
+did, and reported 44.9 % for the video model where this one finds 21 %). Rendered video frames pass 97-99 %
 of the time (small crosses are the hardest); chance is at most 25 %. Printed: the share of frames recognised,
 overall and per class, and the classifier-only share for comparison.
 """

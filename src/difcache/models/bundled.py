@@ -90,14 +90,14 @@ _ARCHITECTURES: dict[str, tuple[type, dict[str, Any]]] = {
 }  # fmt: skip
 
 
-def build(name: str, **overrides: Any) -> torch.nn.Module:
-    """A freshly initialised model with the bundled architecture (``overrides``: config fields to change)."""
+def build(name: str) -> torch.nn.Module:
+    """A freshly initialised model with the bundled architecture."""
     if name == "classifier":
-        return ShapeClassifier(**overrides)
+        return ShapeClassifier()
     if name not in _ARCHITECTURES:
         raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
     cls, config = _ARCHITECTURES[name]
-    return cls(**{**config, **overrides})
+    return cls(**config)
 
 
 def dit_pipeline(model: DiTTransformer2DModel) -> ShapesDiTPipeline:
