@@ -1,9 +1,9 @@
-"""Train the bundled models on procedurally generated shapes (seeded, CPU, one thread each).
+"""Train the bundled models on procedurally generated shapes (seeded, CPU; one thread unless ``--threads``).
 
     python scripts/train_bundled.py dit --steps 6000          # class-conditional pixel DiT, rectified flow
     python scripts/train_bundled.py unet --steps 6000         # UNet2DModel, DDPM epsilon objective, DDIM sampling
     python scripts/train_bundled.py classifier --steps 1500   # CNN on the same shapes: features for offline FID
-    python scripts/train_bundled.py video --steps 3000        # tiny Wan video DiT on moving shapes
+    python scripts/train_bundled.py video --steps 5000 --threads 2   # tiny Wan video DiT on moving shapes
 
 Writes ``src/difcache/models/weights/<name>.safetensors`` and ``<name>.json`` (model config and training
 facts), and under ``docs/models/``: a loss curve (CSV) and sample grids, the last one ``<name>_samples.png``.
@@ -211,7 +211,7 @@ def train_video(steps: int, seed: int) -> None:
 
     def loss_fn(h, x0, y):
         y = torch.where(torch.rand(len(y), generator=gen) < 0.1, len(CLASSES), y)  # class dropout for CFG
-        t = torch.sigmoid(torch.randn(len(x0), generator=gen))
+        t = torch.rand(len(x0), generator=gen)  # uniform: logit-normal times barely train t ≈ 1 (model card)
         noise = torch.randn(x0.shape, generator=gen)
         xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
         v = h["model"](xt, timestep=t * 1000, encoder_hidden_states=h.class_embeddings[y], return_dict=False)[0]

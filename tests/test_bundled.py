@@ -92,7 +92,7 @@ def test_recognition_check_labels_rendered_clips_correctly_and_refuses_frames_wi
     assert not classifier.recognised_frames(clips, (labels + 1) % len(CLASSES), reference=reference).any()
 
     shares = foreground_share(clips.movedim(2, 1).flatten(0, 1))
-    assert shares.min() > 0.05 and shares.max() < 0.35  # shapes of radius 0.20-0.28 of the frame
+    assert shares.min() > 0.1 and shares.max() < 0.6  # shapes of radius 0.30-0.40 of the frame
     blank = torch.rand(16, 3, generator=torch.Generator().manual_seed(0)).view(16, 3, 1, 1, 1).expand(16, 3, 8, 16, 16)
     blob = blank.clone()
     blob[..., 1:15, 1:15] = 1 - blob[..., 1:15, 1:15]  # a different colour filling all but the border
@@ -113,6 +113,38 @@ def test_video_pipeline_runs_with_random_weights():
     pipe.set_progress_bar_config(disable=True)
     clips = pipe([0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert clips.shape == (2, 3, 8, 16, 16) and torch.isfinite(clips).all()
+
+
+def test_video_model_sees_absolute_positions_and_the_pooled_class_in_its_modulation():
+    """The bundled video model's two additions to Wan: position channels in the patch embedding (a shape at
+    another place is a different input even when the content is shifted, which RoPE alone cannot tell) and the
+    pooled class "text" in the time embedding, so the class reaches the adaLN modulation and not only
+    cross-attention. Both must survive a save and load through the saved config."""
+    from diffusers import WanTransformer3DModel
+
+    from difcache.models import bundled
+
+    torch.manual_seed(0)
+    model = bundled.build("video").eval()
+    assert isinstance(model, WanTransformer3DModel)  # difcache's Wan paths apply unchanged
+    assert model.patch_embedding.weight.shape[1] == model.config.in_channels + 3
+
+    flat = torch.zeros(1, 3, 2, 4, 4)  # a uniform clip: only the position channels differ between patches
+    tokens = model.patch_embedding(flat).flatten(2)
+    assert not torch.allclose(tokens[..., 0], tokens[..., -1])
+
+    t = torch.tensor([500.0])
+    text = torch.randn(2, 1, 4, model.config.text_dim)
+    temb = [model.condition_embedder(t, e)[0] for e in text]
+    assert not torch.allclose(temb[0], temb[1])  # the class changes the modulation, not just cross-attention
+
+    rebuilt = bundled._ADDITIONS["video"](WanTransformer3DModel.from_config(model.config))
+    rebuilt.load_state_dict(model.state_dict())  # strict: same modules, same shapes
+    x, e = torch.randn(1, 3, 8, 16, 16), text[0]
+    with torch.no_grad():
+        a = model(x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]
+        b = rebuilt.eval()(x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]
+    assert torch.equal(a, b)
 
 
 def test_missing_weights_error_names_the_training_command(tmp_path, monkeypatch):
@@ -153,8 +185,8 @@ def test_sparse_attention_on_the_trained_video_model():
         scores[name] = psnr(frames(out), frames(dense))
         if name == "full":
             assert torch.allclose(out, dense, atol=1e-5)
-    # floors ~2.5 dB under the trained model's 23.8 (top-k) / 22.3 (PSA) / 30.2 (top-p) dB. PSA is not asserted
-    # above top-k: on this model it is not (BENCHMARKS.md, sparse attention).
-    assert scores["topk"] > 21 and scores["psa"] > 19.5 and scores["topp"] > 27.5, scores
+    # floors ~2 dB under the trained model's 19.0 (top-k) / 20.6 (PSA) / 23.7 (top-p) dB. PSA beats top-k on this
+    # model (and at 30 steps, BENCHMARKS.md) but did not on the previous one: not asserted, it is the model's.
+    assert scores["topk"] > 17 and scores["psa"] > 18.5 and scores["topp"] > 21.5, scores
     assert scores["topp"] > scores["topk_half"] > scores["topk"], scores  # work ~0.77 > 0.5 > 0.25
     assert torch.equal(run(), dense)  # removal restores dense attention exactly

@@ -19,6 +19,7 @@ from diffusers import (
     UNet2DModel,
     WanTransformer3DModel,
 )
+from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding
 from safetensors.torch import load_file
 
 from difcache.errors import DifcacheError
@@ -90,6 +91,61 @@ _ARCHITECTURES: dict[str, tuple[type, dict[str, Any]]] = {
 }  # fmt: skip
 
 
+class PositionChannelsConv3d(torch.nn.Conv3d):
+    """Wan's patch embedding, fed the clip plus three channels holding each pixel's (frame, row, column) in
+    [-1, 1].
+
+    Wan sees positions only through RoPE, which is relative; a shape drawn at a fixed place in a tiny frame
+    needs absolute ones (DiT adds sin-cos position embeddings for the same reason).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = [torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).expand(len(x), -1, -1, -1, -1)
+        return super().forward(torch.cat([x, grid], dim=1))
+
+
+class PooledTextTimeEmbedding(WanTimeTextImageEmbedding):
+    """Wan's condition embedder with the pooled text added to the time embedding, as SD3 and FLUX add their
+    pooled text projection.
+
+    Wan alone sees the text only through cross-attention; the class then never reaches the adaLN modulation
+    that DiT conditions on, and the small video model learned the class poorly (model card, attempt 5).
+    """
+
+    def __init__(self, dim: int, time_freq_dim: int, time_proj_dim: int, text_embed_dim: int) -> None:
+        super().__init__(dim, time_freq_dim, time_proj_dim, text_embed_dim)
+        self.pooled_embedder = torch.nn.Linear(text_embed_dim, dim)
+
+    def forward(
+        self,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        timestep_seq_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        if encoder_hidden_states_image is not None or timestep_seq_len is not None:
+            raise DifcacheError("The bundled video model takes neither image embeddings nor per-token timesteps.")
+        temb = self.time_embedder(self.timesteps_proj(timestep).to(encoder_hidden_states.dtype))
+        temb = temb + self.pooled_embedder(encoder_hidden_states.mean(dim=1))
+        return temb, self.time_proj(self.act_fn(temb)), self.text_embedder(encoder_hidden_states), None
+
+
+def _shapes_wan(model: WanTransformer3DModel) -> WanTransformer3DModel:
+    """The bundled video model: a ``WanTransformer3DModel`` (so difcache's Wan paths run on it) whose patch
+    embedding gets position channels and whose condition embedder gets the pooled class "text"."""
+    config = model.config
+    dim = config.num_attention_heads * config.attention_head_dim
+    model.patch_embedding = PositionChannelsConv3d(
+        config.in_channels + 3, dim, kernel_size=config.patch_size, stride=config.patch_size
+    )
+    model.condition_embedder = PooledTextTimeEmbedding(dim, config.freq_dim, dim * 6, config.text_dim)
+    return model
+
+
+_ADDITIONS = {"video": _shapes_wan}
+
+
 def build(name: str) -> torch.nn.Module:
     """A freshly initialised model with the bundled architecture."""
     if name == "classifier":
@@ -97,7 +153,7 @@ def build(name: str) -> torch.nn.Module:
     if name not in _ARCHITECTURES:
         raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
     cls, config = _ARCHITECTURES[name]
-    return cls(**config)
+    return _ADDITIONS.get(name, lambda m: m)(cls(**config))
 
 
 def dit_pipeline(model: DiTTransformer2DModel) -> ShapesDiTPipeline:
@@ -138,9 +194,14 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     """The bundled pipeline (``"dit"``, ``"unet"``, ``"video"``) or the classifier, loaded offline."""
     state = load_file(_path(name, ".safetensors"))
     extra = {k: state.pop(k) for k in [k for k in state if k == "class_embeddings"]}
-    model = build(name) if name == "classifier" else _ARCHITECTURES[name][0].from_config(info(name)["config"])
+    if name == "classifier":
+        model = build(name)
+    else:
+        model = _ADDITIONS.get(name, lambda m: m)(_ARCHITECTURES[name][0].from_config(info(name)["config"]))
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device).eval()
+    if dtype != torch.float32:  # diffusers warns on every dtype cast, even a no-op one: cast only when asked
+        model = model.to(dtype=dtype)
     if name == "classifier":
         return model
     if name == "dit":

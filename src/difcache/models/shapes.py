@@ -74,19 +74,30 @@ def make_images(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, to
     return x, labels
 
 
-def make_clips(n: int, frames: int = 8, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` clips ``[n, 3, frames, size, size]`` in [-1, 1] of one shape moving in a straight line, and labels."""
+def make_clips(
+    n: int,
+    frames: int = 8,
+    size: int = 16,
+    seed: int = 0,
+    radius: tuple[float, float] = (0.30, 0.40),
+    max_speed: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` clips ``[n, 3, frames, size, size]`` in [-1, 1] of one shape moving in a straight line, and labels.
+
+    The shape's radius is a fraction of ``size``; it moves at most ``max_speed`` pixels per frame along each axis.
+    Large, slow shapes are what the small video model learns to draw in a CPU budget (model card).
+    """
     rng = np.random.default_rng(seed)
     labels = torch.arange(n) % len(CLASSES)
     clips = []
     for k in labels:
-        start, velocity = rng.uniform(0.35, 0.65, 2) * size, rng.uniform(-0.5, 0.5, 2)
+        start, velocity = rng.uniform(0.35, 0.65, 2) * size, rng.uniform(-max_speed, max_speed, 2)
         state = rng.bit_generator.state
         frames_np = []
         for f in range(frames):
             rng.bit_generator.state = state  # same colour, size, rotation in every frame; only the position moves
             cx, cy = start + velocity * f
-            frames_np.append(np.asarray(render(CLASSES[int(k)], size, rng, float(cx), float(cy), (0.2, 0.28))))
+            frames_np.append(np.asarray(render(CLASSES[int(k)], size, rng, float(cx), float(cy), radius)))
         rng.bit_generator.state = state
         rng.uniform(size=8)  # advance past this clip's draws
         clips.append(np.stack(frames_np))
