@@ -138,7 +138,7 @@ def test_video_model_sees_absolute_positions_and_the_pooled_class_in_its_modulat
     temb = [model.condition_embedder(t, e)[0] for e in text]
     assert not torch.allclose(temb[0], temb[1])  # the class changes the modulation, not just cross-attention
 
-    rebuilt = bundled._ADDITIONS["video"](WanTransformer3DModel.from_config(model.config))
+    rebuilt = bundled._with_additions("video", WanTransformer3DModel.from_config(model.config))
     rebuilt.load_state_dict(model.state_dict())  # strict: same modules, same shapes
     x, e = torch.randn(1, 3, 8, 16, 16), text[0]
     with torch.no_grad():

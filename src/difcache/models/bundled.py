@@ -143,7 +143,11 @@ def _shapes_wan(model: WanTransformer3DModel) -> WanTransformer3DModel:
     return model
 
 
-_ADDITIONS = {"video": _shapes_wan}
+_ADDITIONS = {"video": _shapes_wan}  # bundled models that are a diffusers class with submodules replaced
+
+
+def _with_additions(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    return _ADDITIONS[name](model) if name in _ADDITIONS else model
 
 
 def build(name: str) -> torch.nn.Module:
@@ -153,7 +157,7 @@ def build(name: str) -> torch.nn.Module:
     if name not in _ARCHITECTURES:
         raise DifcacheError(f"No bundled model {name!r}; available: {', '.join(NAMES)}.")
     cls, config = _ARCHITECTURES[name]
-    return _ADDITIONS.get(name, lambda m: m)(cls(**config))
+    return _with_additions(name, cls(**config))
 
 
 def dit_pipeline(model: DiTTransformer2DModel) -> ShapesDiTPipeline:
@@ -197,7 +201,7 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if name == "classifier":
         model = build(name)
     else:
-        model = _ADDITIONS.get(name, lambda m: m)(_ARCHITECTURES[name][0].from_config(info(name)["config"]))
+        model = _with_additions(name, _ARCHITECTURES[name][0].from_config(info(name)["config"]))
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model = model.to(device=device).eval()
     if dtype != torch.float32:  # diffusers warns on every dtype cast, even a no-op one: cast only when asked
