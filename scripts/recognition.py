@@ -11,8 +11,8 @@ lies within the range of rendered frames' (``ShapeClassifier.recognised_frames``
 check matters: the classifier labels a blank frame a circle or a triangle, and a blob filling the frame as
 whatever it resembles, so on its own it counts degenerate samples as shapes (the first version of this check
 did, and reported 44.9 % for the video model then shipped where this one finds 21 %). Rendered video frames
-pass 100 % of the time (128 clips of the current data); chance is at most 25 %. Printed: the share of frames recognised,
-overall and per class, and the classifier-only share for comparison.
+pass 100 % of the time (128 clips of the current data); chance is at most 25 %. Printed: the share of frames
+recognised, overall and per class, and the classifier-only share for comparison.
 """
 
 from __future__ import annotations
@@ -55,9 +55,7 @@ def main() -> None:
     for k, name in enumerate(CLASSES):
         print(f"  {name:9s} {per_sample[labels == k].mean():.1%}")
     if args.grid:
-        frames = clips[:16].movedim(2, 1).flatten(0, 1)
-        grid = to_uint8_grid(torch.nn.functional.interpolate(frames, scale_factor=3, mode="nearest"), clips.shape[2])
-        grid.save(args.grid)
+        to_uint8_grid(clips[:16].movedim(2, 1).flatten(0, 1), clips.shape[2], upscale=3).save(args.grid)
         print(f"wrote {args.grid}")
 
 

@@ -136,9 +136,9 @@ def train_dit(steps: int, seed: int) -> None:
         images = pipe(
             [k % len(CLASSES) for k in range(16)], num_inference_steps=30, generator=torch.Generator().manual_seed(0)
         ).images
-        images = F.interpolate(images, scale_factor=2, mode="nearest")  # pixels large enough to judge by eye
-        to_uint8_grid(images, 8).save(DOCS / f"dit_samples_{step:05d}.png")
-        to_uint8_grid(images, 8).save(DOCS / "dit_samples.png")
+        grid = to_uint8_grid(images, 8, upscale=2)
+        grid.save(DOCS / f"dit_samples_{step:05d}.png")
+        grid.save(DOCS / "dit_samples.png")
 
     def save(facts: dict) -> None:
         history = [*PREVIOUS, facts]
@@ -170,8 +170,7 @@ def train_unet(steps: int, seed: int) -> None:
         images = pipe(
             batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0), output_type="np"
         ).images
-        images = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2), scale_factor=2, mode="nearest")
-        to_uint8_grid(images, 8).save(DOCS / "unet_samples.png")
+        to_uint8_grid(torch.from_numpy(images).permute(0, 3, 1, 2), 8, upscale=2).save(DOCS / "unet_samples.png")
 
     def save(facts: dict) -> None:
         _save("unet", model, {"training": facts, "history": [*PREVIOUS, facts],
@@ -222,8 +221,7 @@ def train_video(steps: int, seed: int) -> None:
         pipe.set_progress_bar_config(disable=True)
         clips = pipe([0, 1, 2, 3], num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
         frames = clips.permute(0, 2, 1, 3, 4).reshape(-1, 3, clips.shape[-2], clips.shape[-1])
-        frames = F.interpolate(frames, scale_factor=4, mode="nearest")  # 16 px frames: large enough to judge
-        to_uint8_grid(frames, clips.shape[2]).save(DOCS / "video_samples.png")
+        to_uint8_grid(frames, clips.shape[2], upscale=4).save(DOCS / "video_samples.png")
 
     def save(facts: dict) -> None:
         history = [*PREVIOUS, facts]

@@ -35,7 +35,7 @@ def main() -> None:
         print(f"t = {t}: x0 estimate MSE {F.mse_loss(estimate, clips).item():.4f}")
         rows.append(estimate[:, :, ::2])
     frames = torch.cat(rows).permute(0, 2, 1, 3, 4).flatten(0, 1)  # [rows * clips * frames, 3, H, W]
-    to_uint8_grid(F.interpolate(frames, scale_factor=4, mode="nearest"), 4 * rows[0].shape[2]).save(OUT)
+    to_uint8_grid(frames, 4 * rows[0].shape[2], upscale=4).save(OUT)
     print(f"wrote {OUT}")
 
 

@@ -104,6 +104,15 @@ def test_recognition_check_labels_rendered_clips_correctly_and_refuses_frames_wi
             assert not classifier.recognised_frames(frames, torch.full((16,), k), reference=reference).any()
 
 
+def test_grid_upscale_is_nearest_neighbour():
+    """Sample grids upscale 16-pixel images by repeating pixels, as nearest interpolation does (same PNGs)."""
+    from difcache.models.shapes import to_uint8_grid
+
+    images = torch.rand(3, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    upscaled = torch.nn.functional.interpolate(images, scale_factor=3, mode="nearest")
+    assert to_uint8_grid(images, 2, upscale=3).tobytes() == to_uint8_grid(upscaled, 2).tobytes()
+
+
 def test_video_pipeline_runs_with_random_weights():
     """The pipeline code path itself (not the trained weights): sequential CFG, diffusers bookkeeping, shapes."""
     from difcache.models import bundled
@@ -188,5 +197,5 @@ def test_sparse_attention_on_the_trained_video_model():
     # floors ~2 dB under the trained model's 19.0 (top-k) / 20.6 (PSA) / 23.7 (top-p) dB. PSA beats top-k on this
     # model (and at 30 steps, BENCHMARKS.md) but did not on the previous one: not asserted, it is the model's.
     assert scores["topk"] > 17 and scores["psa"] > 18.5 and scores["topp"] > 21.5, scores
-    assert scores["topp"] > scores["topk_half"] > scores["topk"], scores  # work ~0.77 > 0.5 > 0.25
+    assert scores["topp"] > scores["topk_half"] > scores["topk"], scores  # work ~0.6 > 0.5 > 0.25
     assert torch.equal(run(), dense)  # removal restores dense attention exactly

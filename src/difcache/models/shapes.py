@@ -118,12 +118,14 @@ def foreground_share(frames: torch.Tensor, threshold: float = 0.2) -> torch.Tens
     return ((frames - background).abs().amax(dim=1) > threshold).float().mean(dim=(1, 2))
 
 
-def to_uint8_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """Images in [-1, 1] or [0, 1] (``[N, 3, H, W]``) as one PNG-ready grid."""
+def to_uint8_grid(images: torch.Tensor, columns: int, upscale: int = 1) -> Image.Image:
+    """Images in [-1, 1] or [0, 1] (``[N, 3, H, W]``) as one PNG-ready grid; ``upscale`` repeats each pixel
+    (nearest-neighbour), so 16-pixel samples are large enough to judge by eye."""
     x = images.detach().float()
     if x.min() < 0:
         x = (x + 1) / 2
     x = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    x = x.repeat(upscale, axis=1).repeat(upscale, axis=2)
     n, h, w, _ = x.shape
     rows = math.ceil(n / columns)
     grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
