@@ -36,6 +36,7 @@ def test_dit_runs_offline_with_expected_shape(dit):
         # floors ~3 dB under what the bundled 16x16 DiT measured (33.3, 31.6, 34.9, 24.3 dB at 20 steps)
         ("fora", {"interval": 2}, 30.0),
         ("taylorseer", {"interval": 3, "order": 1, "warmup": 3}, 28.5),
+        ("taylorseer", {"interval": 3, "order": 1, "warmup": 3, "lite": True}, 28.5),
         ("delta_dit", {"interval": 2}, 32.0),
         ("teacache", {"threshold": 0.3}, 21.0),
     ],
@@ -47,6 +48,34 @@ def test_methods_stay_close_on_the_trained_dit(dit, method, settings, min_psnr):
         stats = handle.stats()
     assert stats.ideal_speedup > 1.1
     assert psnr(cached, reference) > min_psnr
+
+
+@needs("dit")
+def test_taylorseer_lite_forecasts_the_block_stack_residual(dit):
+    """TaylorSeer-Lite skips every block on a forecast step, and the stack's output there is its current input
+    plus the first-order Taylor forecast of the residuals (output − input) recorded on the last two full steps."""
+    blocks = dit.transformer.transformer_blocks
+    inputs, outputs, block_calls = [], [], []
+    hooks = [
+        blocks[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone())),
+        blocks[-1].register_forward_hook(lambda m, args, out: outputs.append(out.clone())),
+        blocks[0].attn1.register_forward_hook(lambda m, args, out: block_calls.append(len(inputs) - 1)),
+    ]
+    try:
+        with difcache.apply_cache(dit, "taylorseer", interval=2, order=1, warmup=2, lite=True) as handle:
+            _dit_images(dit, steps=7)
+            stats = handle.stats()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    full = sorted(set(block_calls))
+    assert full == [0, 1, 3, 5] and stats.totals()["forecast"] == 3  # warm-up 0, 1; then every second step
+    assert len(stats.units) == 1  # one unit: the whole stack
+    residual = {s: outputs[s].double() - inputs[s].double() for s in full}
+    for step, (prev, last) in {2: (0, 1), 4: (1, 3), 6: (3, 5)}.items():
+        slope = (residual[last] - residual[prev]) / (last - prev)
+        expected = inputs[step].double() + residual[last] + slope * (step - last)
+        torch.testing.assert_close(outputs[step].double(), expected, rtol=0, atol=1e-4)
 
 
 @needs("unet")

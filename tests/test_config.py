@@ -28,6 +28,11 @@ def test_bool_is_not_an_int():
         difcache.TaylorSeerConfig(interval=True)
 
 
+def test_a_switch_takes_only_a_bool():
+    with pytest.raises(TypeError, match=r"TaylorSeerConfig.lite must be True or False, got 1"):
+        difcache.TaylorSeerConfig(lite=1)
+
+
 def test_family_presets_from_official_code():
     assert difcache.TaylorSeerConfig.for_family("flux") == difcache.TaylorSeerConfig(6, 1, 3)
     assert difcache.TaylorSeerConfig.for_family("wan") == difcache.TaylorSeerConfig(5, 1, 1)

@@ -326,6 +326,24 @@ def test_unsupported_unet_blocks_are_refused_by_name():
         difcache.apply_cache(unet, "deepcache")
 
 
+@pytest.mark.parametrize("name", ["sd15", "unet2d"])
+@pytest.mark.parametrize(
+    ("method", "settings", "message"),
+    [
+        ("taylorseer", {"lite": True}, "lite forecasts a transformer block stack.*lite=False"),
+        ("delta_dit", {}, "Δ-DiT caches transformer block ranges.*method='deepcache'"),
+        ("ertacache", {}, "ERTACache caches a transformer block stack.*method='deepcache'"),
+        ("teacache", {}, "method='deepcache'"),
+    ],
+)
+def test_block_stack_methods_on_either_unet_name_the_fix(pipes, name, method, settings, message):
+    """Both UNet families (conditional ``unet``, ``UNet2DModel``'s ``unet2d``) get the message naming the fix,
+    not a bare "block range outside the model" from the scope."""
+    with pytest.raises(difcache.DifcacheError, match=message):
+        difcache.apply_cache(pipes[name], method, **settings)
+    assert not hasattr(pipes[name].unet, "_difcache_cache")
+
+
 # ---------------------------------------------------------------------------------------------- pipelines
 CASES = [("sd15", True, 1), ("sd15", False, 2), ("sdxl", True, 2), ("sdxl", False, 1), ("unet2d", False, 2)]
 

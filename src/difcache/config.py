@@ -64,6 +64,13 @@ def check_float(
         raise ValueError(f"{type(owner).__name__}.{name} must be {span}, got {value}.")
 
 
+def check_bool(owner: object, name: str) -> None:
+    """Raise unless ``owner.name`` is ``True`` or ``False`` (``1`` or ``"yes"`` are refused, not guessed at)."""
+    value = getattr(owner, name)
+    if not isinstance(value, bool):
+        raise TypeError(f"{type(owner).__name__}.{name} must be True or False, got {value!r}.")
+
+
 def check_choice(owner: object, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(owner, name)
     if value not in choices:

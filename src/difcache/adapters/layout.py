@@ -80,6 +80,12 @@ class Layout:
     branches: tuple[SkipBranch, ...] = ()  # UNets only, shallowest first
 
     @property
+    def is_unet(self) -> bool:
+        """A UNet of either family (``unet``: conditional, ``unet2d``: ``UNet2DModel``), cached by its skip
+        branches (DeepCache), not as a transformer block stack."""
+        return self.family in ("unet", "unet2d")
+
+    @property
     def fingerprint(self) -> str:
         """Stable hash of the model class and unit names: a calibration profile is only valid for this layout."""
         text = type(self.model).__name__ + "|" + "|".join(f"{u.name}:{u.kind}" for u in self.units)

@@ -52,6 +52,8 @@ class DeltaDiTConfig(CacheConfig):
 
 @register_method(DeltaDiTConfig, "Δ-DiT: Δ-cache rear blocks early and front blocks late, refresh every N steps")
 def build(config: DeltaDiTConfig, layout: Layout) -> Plan:
+    if layout.is_unet:
+        raise DifcacheError("Δ-DiT caches transformer block ranges; for UNets use method='deepcache'.")
     n_blocks = len(layout.blocks)
     cached = config.num_cached_blocks or max(1, n_blocks // 3)
     if 2 * cached > n_blocks:
@@ -59,7 +61,5 @@ def build(config: DeltaDiTConfig, layout: Layout) -> Plan:
             f"DeltaDiTConfig.num_cached_blocks={cached} is more than half of the model's {n_blocks} blocks; the "
             f"front and rear ranges would overlap. Use at most {n_blocks // 2}."
         )
-    if layout.family == "unet":
-        raise DifcacheError("Δ-DiT caches transformer block ranges; for UNets use method='deepcache'.")
     scope = BlockRangeScope(layout, [(0, cached - 1), (n_blocks - cached, n_blocks - 1)])
     return Plan(scope, StageSwitchSchedule(config.interval, config.boundary), ReuseForecaster())

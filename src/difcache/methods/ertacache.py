@@ -265,7 +265,7 @@ def step_factors(
 
 # ---------------------------------------------------------------------------------------------- build / calibrate
 def _scope(layout: Layout) -> BlockRangeScope:
-    if layout.family == "unet":
+    if layout.is_unet:
         raise DifcacheError("ERTACache caches a transformer block stack; for UNets use method='deepcache'.")
     return BlockRangeScope(layout, [(0, len(layout.blocks) - 1)])
 

@@ -204,7 +204,7 @@ class _FirstBlockScope(BlockRangeScope):
 
 
 def _scope(config: TeaCacheConfig, layout: Layout) -> BlockRangeScope:
-    if layout.family == "unet":
+    if layout.is_unet:
         raise DifcacheError("TeaCache caches a transformer block stack; for UNets use method='deepcache'.")
     if config.indicator == "first_block_residual":
         return _FirstBlockScope(layout)
