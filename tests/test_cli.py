@@ -128,6 +128,16 @@ def test_demo_writes_side_by_side_pictures_and_reports(tmp_path, capsys):
         assert (tmp_path / f"demo_{name}.png").stat().st_size > 1000
 
 
+def test_structural_settings_get_their_own_pareto_curve():
+    from difcache.eval.bench import curve_of
+
+    assert curve_of("taylorseer", {"interval": 3, "order": 2}) == "difcache:taylorseer"
+    assert curve_of("taylorseer", {"interval": 3, "lite": False}) == "difcache:taylorseer"
+    assert curve_of("taylorseer", {"interval": 3, "lite": True}) == "difcache:taylorseer lite=True"
+    first_block = curve_of("teacache", {"indicator": "first_block_residual"})
+    assert first_block == "difcache:teacache indicator=first_block_residual"
+
+
 def test_matched_comparison_takes_the_best_difcache_row_at_least_as_fast():
     from difcache.eval.bench import markdown_table, matched_comparison
 

@@ -83,6 +83,18 @@ class Row:
     store_mib: float | None = None
 
 
+# Settings that change *what* a method caches rather than how often, so their rows are a curve of their own on
+# the Pareto plot (TaylorSeer-Lite's one forecast per step against every module's; first-block cache against
+# TeaCache's modulated input): joining them to the plain method's points would draw a line through two methods.
+_CURVE_SETTINGS = ("lite", "indicator")
+
+
+def curve_of(method: str, setting: dict[str, Any]) -> str:
+    """The Pareto curve a difcache row belongs to: ``difcache:<method>`` plus any structural setting."""
+    extra = [f"{k}={setting[k]}" for k in _CURVE_SETTINGS if setting.get(k) not in (None, False)]
+    return f"difcache:{method}" + ("" if not extra else " " + ",".join(extra))
+
+
 def difcache_variant(method: str, **setting: Any) -> Callable[[BenchTarget], Variant]:
     def make(target: BenchTarget) -> Variant:
         label = method + ("" if not setting else " " + ",".join(f"{k}={v}" for k, v in setting.items()))
@@ -90,7 +102,7 @@ def difcache_variant(method: str, **setting: Any) -> Callable[[BenchTarget], Var
         def apply() -> Callable[[], None]:
             return difcache.apply_cache(target.pipe, method, **setting).remove
 
-        return Variant(label, f"difcache:{method}", apply, dict(setting))
+        return Variant(label, curve_of(method, setting), apply, dict(setting))
 
     return make
 
@@ -333,7 +345,7 @@ def pareto_plot(report: dict, path: str | Path, x: str = "ideal_speedup") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in report["rows"]:
         if r["status"] == "ok" and r[x] is not None and r["psnr"] is not None:
@@ -347,7 +359,7 @@ def pareto_plot(report: dict, path: str | Path, x: str = "ideal_speedup") -> Non
     ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")
     ax.set_title(f"{report['target']}\nspeed vs fidelity, {report['steps']} steps", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the plot: never over a curve
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
