@@ -49,6 +49,24 @@ def test_taylorseer_skips_units_and_stays_close(pipe):
     assert "ideal speedup" in str(stats) and "transformer_blocks.0.attn" in str(stats)
 
 
+def test_taylorseer_lite_forecasts_both_flux_streams_as_one_unit(pipe):
+    """Lite over FLUX's double- and single-stream blocks: one unit spanning the whole stack, its image and text
+    residuals forecast together; no block runs on a forecast step."""
+    reference = pipe()
+    attention_calls = []
+    hook = pipe.transformer.transformer_blocks[0].attn.register_forward_hook(lambda *_: attention_calls.append(1))
+    try:
+        with difcache.apply_cache(pipe, "taylorseer", interval=3, warmup=2, lite=True) as handle:
+            cached = pipe()
+            stats = handle.stats()
+    finally:
+        hook.remove()
+    assert [u.name for u in stats.units] == ["transformer_blocks.0..single_transformer_blocks.1"]
+    assert stats.totals()["forecast"] == 4 and stats.totals()["compute"] == 4
+    assert len(attention_calls) == 4  # block 0's attention runs on the 4 full steps only
+    assert (cached - reference).abs().max() < 0.5 * reference.abs().max()
+
+
 def test_method_by_keyword_as_in_the_readme(pipe):
     """``apply_cache(pipe, method="...")`` is the documented one-liner; it once was positional-only."""
     with difcache.apply_cache(pipe, method="fora", interval=3) as by_keyword:

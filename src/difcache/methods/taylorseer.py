@@ -12,8 +12,8 @@ does not cover (SD3, PixArt, CogVideoX, LTX, UNet) get N=5, O=1, 3 warm-up — d
 defaults — documented as our choice, not the paper's. Deviation: factors are kept in fp32, not bf16.
 
 ``lite=True`` is TaylorSeer-Lite, the authors' later variant (Shenyi-Z/Cache4Diffusion, README and
-``HunyuanImage-2.1/run_hyimage_taylorseer_lite.py``): one feature per step is forecast instead of two per
-block, so the cache holds ``order + 1`` tensors instead of ``2 × blocks × (order + 1)``, and the forecast's
+``HunyuanImage-2.1/run_hyimage_taylorseer_lite.py``): one feature per step (per stream) is forecast instead of one or
+two per block, so the cache holds ``order + 1`` tensors per stream instead of ``(order + 1)`` per module, and the forecast's
 own memory traffic, which on a small model costs more than the hooks (``BENCHMARKS.md``), shrinks by the
 same factor. Deviation: the official code forecasts the output of the final layer; we forecast the residual
 of the whole block stack (output − input, :class:`~difcache.engine.range_scope.BlockRangeScope`), so each
