@@ -12,14 +12,14 @@ does not cover (SD3, PixArt, CogVideoX, LTX, UNet) get N=5, O=1, 3 warm-up — d
 defaults — documented as our choice, not the paper's. Deviation: factors are kept in fp32, not bf16.
 
 ``lite=True`` is TaylorSeer-Lite, the authors' later variant (Shenyi-Z/Cache4Diffusion, README and
-``HunyuanImage-2.1/run_hyimage_taylorseer_lite.py``): one feature per step (per stream) is forecast instead of one or
-two per block, so the cache holds ``order + 1`` tensors per stream instead of ``(order + 1)`` per module, and the forecast's
-own memory traffic, which on a small model costs more than the hooks (``BENCHMARKS.md``), shrinks by the
-same factor. Deviation: the official code forecasts the output of the final layer; we forecast the residual
-of the whole block stack (output − input, :class:`~difcache.engine.range_scope.BlockRangeScope`), so each
-skipped step still adds the *current* patch embedding and runs the final norm with the *current* timestep,
-as this engine's TeaCache, first-block cache and ERTACache do. Both skip every block; ours keeps the exact
-parts exact.
+``HunyuanImage-2.1/run_hyimage_taylorseer_lite.py``): one feature per step (per stream) is forecast instead of
+one or two per block, so the cache holds ``order + 1`` tensors per stream instead of ``order + 1`` per module,
+and the forecast's own memory traffic, which on a small model costs more than the hooks (``BENCHMARKS.md``),
+shrinks by the same factor. Deviation: the official code forecasts the output of the final layer; we forecast
+the residual of the whole block stack (output − input, :class:`~difcache.engine.range_scope.BlockRangeScope`),
+so each skipped step still adds the *current* patch embedding and runs the final norm with the *current*
+timestep, as this engine's TeaCache, first-block cache and ERTACache do. Both skip every block; ours keeps the
+exact parts exact.
 """
 
 from __future__ import annotations
