@@ -22,7 +22,7 @@ import argparse
 import torch
 
 from difcache.models import CLASSES, load
-from difcache.models.shapes import make_clips, make_images, to_uint8_grid
+from difcache.models.shapes import clip_frames, make_clips, make_images, to_uint8_grid
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     for k, name in enumerate(CLASSES):
         print(f"  {name:9s} {per_sample[labels == k].mean():.1%}")
     if args.grid:
-        to_uint8_grid(clips[:16].movedim(2, 1).flatten(0, 1), clips.shape[2], upscale=3).save(args.grid)
+        to_uint8_grid(clip_frames(clips[:16]), clips.shape[2], upscale=3).save(args.grid)
         print(f"wrote {args.grid}")
 
 

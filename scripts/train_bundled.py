@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from difcache.models import bundled
-from difcache.models.shapes import CLASSES, make_clips, make_images, to_uint8_grid
+from difcache.models.shapes import CLASSES, clip_frames, make_clips, make_images, to_uint8_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RESUME = False  # set by --resume: continue from the saved weights with a fresh learning-rate schedule
@@ -220,8 +220,7 @@ def train_video(steps: int, seed: int) -> None:
         pipe = bundled.video_pipeline(model, embeddings.detach())
         pipe.set_progress_bar_config(disable=True)
         clips = pipe([0, 1, 2, 3], num_inference_steps=20, generator=torch.Generator().manual_seed(0)).images
-        frames = clips.permute(0, 2, 1, 3, 4).reshape(-1, 3, clips.shape[-2], clips.shape[-1])
-        to_uint8_grid(frames, clips.shape[2], upscale=4).save(DOCS / "video_samples.png")
+        to_uint8_grid(clip_frames(clips), clips.shape[2], upscale=4).save(DOCS / "video_samples.png")
 
     def save(facts: dict) -> None:
         history = [*PREVIOUS, facts]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from difcache.models import load
-from difcache.models.shapes import make_clips, to_uint8_grid
+from difcache.models.shapes import clip_frames, make_clips, to_uint8_grid
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "models" / "video_denoise.png"
 
@@ -34,7 +34,7 @@ def main() -> None:
         estimate = xt - t * v
         print(f"t = {t}: x0 estimate MSE {F.mse_loss(estimate, clips).item():.4f}")
         rows.append(estimate[:, :, ::2])
-    frames = torch.cat(rows).permute(0, 2, 1, 3, 4).flatten(0, 1)  # [rows * clips * frames, 3, H, W]
+    frames = clip_frames(torch.cat(rows))  # [rows * clips * frames, 3, H, W]
     to_uint8_grid(frames, 4 * rows[0].shape[2], upscale=4).save(OUT)
     print(f"wrote {OUT}")
 

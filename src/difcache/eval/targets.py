@@ -19,6 +19,7 @@ Maker = Callable[[BenchTarget], Variant]
 def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] = (0, 1)) -> BenchTarget:
     """``"dit"``, ``"unet"``, ``"video"`` (bundled, trained) or ``"tiny:<family>"`` (random weights)."""
     from difcache.models import CLASSES, load
+    from difcache.models.shapes import clip_frames
 
     seeds = tuple(seeds)
     if name == "dit":
@@ -60,7 +61,7 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
         def call(seed: int) -> torch.Tensor:
             clips = pipe([seed % len(CLASSES), (seed + 1) % len(CLASSES)], num_inference_steps=steps,
                          generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
-            return clips.permute(0, 2, 1, 3, 4).flatten(0, 1)  # frames as images
+            return clip_frames(clips)
 
         return BenchTarget("bundled Wan video DiT (8x16x16 pixels, sequential CFG)", pipe, call, steps, seeds)
     if name.startswith("tiny:"):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from difcache.errors import DifcacheError
 from difcache.models.pipelines import ShapesDiTPipeline, ShapesVideoPipeline
-from difcache.models.shapes import CLASSES, foreground_share
+from difcache.models.shapes import CLASSES, clip_frames, foreground_share
 
 WEIGHTS = Path(__file__).parent / "weights"
 NAMES = ("dit", "unet", "video", "classifier")
@@ -62,12 +62,12 @@ class ShapeClassifier(torch.nn.Module):
         of the reference frames', widened by 10 %. Without that, a blank frame counts as a circle or a triangle
         (the classifier labels plain colours so) and a blob filling the frame as whatever it resembles.
         """
-        frames = clips.movedim(2, 1).flatten(0, 1)
+        frames = clip_frames(clips)
         predicted = self(torch.nn.functional.interpolate(frames * 2 - 1, size=32, mode="nearest")).argmax(1)
         correct = predicted == labels.to(predicted.device).repeat_interleave(clips.shape[2])
         if reference is not None:
             share = foreground_share(frames)
-            bounds = foreground_share(reference.movedim(2, 1).flatten(0, 1)).aminmax()
+            bounds = foreground_share(clip_frames(reference)).aminmax()
             correct &= (share >= 0.9 * bounds.min) & (share <= 1.1 * bounds.max)
         return correct
 

@@ -105,6 +105,12 @@ def make_clips(
     return x, labels
 
 
+def clip_frames(clips: torch.Tensor) -> torch.Tensor:
+    """Clips ``[N, C, F, H, W]`` as frames ``[N * F, C, H, W]``, each clip's frames in order: the image tools
+    (classifier, grids, per-image metrics) judge a video frame by frame."""
+    return clips.movedim(2, 1).flatten(0, 1)
+
+
 def foreground_share(frames: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
     """``[N]``: the share of each frame ``[N, 3, H, W]`` (in [0, 1]) whose colour differs from the median colour of
     the frame's border by more than ``threshold`` in some channel.
