@@ -14,7 +14,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models"
 MODELS = ("dit", "unet", "video", "classifier")
 # The DiT's CSV holds only its second stage (written before resumed runs continued the step count).
-TITLES = {"dit": "dit (second stage: steps 1001-6000)"}
+TITLES = {"dit": "dit (second stage: steps 1001-6000)", "video": "video (2-frame clips, then 8 frames from 8001)"}
 
 
 def main() -> None:

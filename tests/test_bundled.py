@@ -223,8 +223,9 @@ def test_sparse_attention_on_the_trained_video_model():
         scores[name] = psnr(frames(out), frames(dense))
         if name == "full":
             assert torch.allclose(out, dense, atol=1e-5)
-    # floors ~2 dB under the trained model's 19.0 (top-k) / 20.6 (PSA) / 23.7 (top-p) dB. PSA beats top-k on this
-    # model (and at 30 steps, BENCHMARKS.md) but did not on the previous one: not asserted, it is the model's.
-    assert scores["topk"] > 17 and scores["psa"] > 18.5 and scores["topp"] > 21.5, scores
+    # floors ~2 dB under the trained model's 17.4 (top-k) / 20.5 (PSA) / 23.3 (top-p) dB (model of 2026-12-02; the
+    # one before read 19.0 / 20.6 / 23.7, and the top-k floor was 17). PSA beats top-k on this model (and at 30
+    # steps, BENCHMARKS.md) but did not on an earlier one: not asserted, it is the model's.
+    assert scores["topk"] > 15.5 and scores["psa"] > 18.5 and scores["topp"] > 21.5, scores
     assert scores["topp"] > scores["topk_half"] > scores["topk"], scores  # work ~0.6 > 0.5 > 0.25
     assert torch.equal(run(), dense)  # removal restores dense attention exactly
