@@ -35,6 +35,7 @@ from difcache.kernels import (
     cpu_extension,
     resolve_backend,
 )
+from difcache.models.shapes import clip_frames
 
 
 def kernel_bench(args: argparse.Namespace) -> dict:
@@ -85,8 +86,7 @@ def kernel_bench(args: argparse.Namespace) -> dict:
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over frames of 10 log10(1 / MSE), clips ``[N, C, F, H, W]`` in [0, 1]."""
-    frames_a = a.float().movedim(2, 1).flatten(0, 1)
-    frames_b = b.float().movedim(2, 1).flatten(0, 1)
+    frames_a, frames_b = clip_frames(a.float()), clip_frames(b.float())
     mse = (frames_a - frames_b).pow(2).flatten(1).mean(dim=1)
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean().item()
 

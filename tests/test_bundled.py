@@ -6,7 +6,7 @@ import torch
 import difcache
 from difcache.eval.metrics import psnr
 from difcache.models import CLASSES, available, load
-from difcache.models.shapes import make_images
+from difcache.models.shapes import clip_frames, make_images
 
 needs = lambda name: pytest.mark.skipif(name not in available(), reason=f"bundled {name} weights missing")  # noqa: E731
 
@@ -120,12 +120,12 @@ def test_recognition_check_labels_rendered_clips_correctly_and_refuses_frames_wi
     assert classifier.recognised_frames(clips, labels, reference=reference).all()
     assert not classifier.recognised_frames(clips, (labels + 1) % len(CLASSES), reference=reference).any()
 
-    shares = foreground_share(clips.movedim(2, 1).flatten(0, 1))
+    shares = foreground_share(clip_frames(clips))
     assert shares.min() > 0.1 and shares.max() < 0.6  # shapes of radius 0.30-0.40 of the frame
     blank = torch.rand(16, 3, generator=torch.Generator().manual_seed(0)).view(16, 3, 1, 1, 1).expand(16, 3, 8, 16, 16)
     blob = blank.clone()
     blob[..., 1:15, 1:15] = 1 - blob[..., 1:15, 1:15]  # a different colour filling all but the border
-    assert foreground_share(blank.movedim(2, 1).flatten(0, 1)).eq(0).all()
+    assert foreground_share(clip_frames(blank)).eq(0).all()
     for frames in (blank, blob):
         alone = [classifier.recognised_frames(frames, torch.full((16,), k)) for k in range(len(CLASSES))]
         assert sum(a.sum() for a in alone) == 16 * 8 and any(a.any() for a in alone)  # each frame gets some class
@@ -205,9 +205,6 @@ def test_sparse_attention_on_the_trained_video_model():
     def run():
         return pipe([0, 2], num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images
 
-    def frames(clips):
-        return clips.movedim(2, 1).flatten(0, 1)
-
     dense = run()
     scores = {}
     settings = {
@@ -220,7 +217,7 @@ def test_sparse_attention_on_the_trained_video_model():
     for name, setting in settings.items():
         with difcache.apply_sparse_attention(pipe, block_size=32, tile=(2, 4, 4), warmup_steps=0.2, **setting):
             out = run()
-        scores[name] = psnr(frames(out), frames(dense))
+        scores[name] = psnr(clip_frames(out), clip_frames(dense))
         if name == "full":
             assert torch.allclose(out, dense, atol=1e-5)
     # floors ~2 dB under the trained model's 17.4 (top-k) / 20.5 (PSA) / 23.3 (top-p) dB (model of 2026-12-02; the
