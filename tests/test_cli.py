@@ -21,6 +21,13 @@ def test_parse_setting_reads_python_literals():
         "bac",
         {"profile": "p.json", "forecast": "taylor"},
     )
+    # commas inside brackets belong to the value: tuples such as TeaCache's coefficients can be given
+    assert _parse_setting("teacache:coefficients=(1.0,0.0),threshold=0.1") == (
+        "teacache",
+        {"coefficients": (1.0, 0.0), "threshold": 0.1},
+    )
+    with pytest.raises(ValueError, match="expected key=value"):
+        _parse_setting("taylorseer:interval")
 
 
 def test_list_names_methods_and_alternatives(capsys):

@@ -9,23 +9,17 @@ difcache list                                   # methods and supported models
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from typing import Any
+
+from difcache.config import parse_fields
 
 
 def _parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """``"taylorseer:interval=4,order=2"`` -> ``("taylorseer", {"interval": 4, "order": 2})``."""
     name, _, rest = text.partition(":")
-    setting: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            setting[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            setting[key.strip()] = value.strip()
-    return name.strip(), setting
+    return name.strip(), parse_fields(rest)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ value fails at construction with the field's name, its allowed range and the val
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -75,3 +76,29 @@ def check_choice(owner: object, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(owner, name)
     if value not in choices:
         raise ValueError(f"{type(owner).__name__}.{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def parse_fields(text: str) -> dict[str, Any]:
+    """``"interval=4,coefficients=(1.0,0.0),forecast=taylor"`` -> config overrides, for the command line.
+
+    Values are Python literals where they parse (``4``, ``(1.0, 0.0)``, ``'p.json'``), else plain strings
+    (``taylor``). Commas inside brackets belong to the value, so tuples and lists can be given.
+    """
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    fields: dict[str, Any] = {}
+    for item in filter(str.strip, items):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Bad setting {item!r} in {text!r}: expected key=value[,key=value...].")
+        try:
+            fields[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            fields[key.strip()] = value.strip()
+    return fields

@@ -25,7 +25,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import difcache
+from difcache.config import parse_fields
 from difcache.engine.distributed import independent_ranks
 from difcache.errors import DifcacheError
 from difcache.eval.samplers import Item, Sampler
@@ -91,15 +91,10 @@ def parse_setting(text: str) -> Setting:
         label = path.stem
     else:
         method, _, rest = text.partition(":")
-        fields = {}
-        for item in filter(None, rest.split(",")):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise DifcacheError(f"Bad setting {text!r}: expected method:key=value,key=value.")
-            try:
-                fields[key.strip()] = ast.literal_eval(value.strip())
-            except (ValueError, SyntaxError):
-                fields[key.strip()] = value.strip()
+        try:
+            fields = parse_fields(rest)
+        except ValueError as err:
+            raise DifcacheError(f"Bad setting {text!r}: expected method:key=value,key=value ({err}).") from None
         label = text
     methods = difcache.list_methods()
     if method not in methods:
