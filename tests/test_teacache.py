@@ -104,6 +104,24 @@ def test_modulated_input_runs_block_zero_norm1_once_per_call(family, threshold):
         assert stats.units[0].reuse > 0
 
 
+def test_taylor_forecast_extrapolates_the_residual_on_skipped_steps():
+    """``forecast="taylor"``: the skipped steps are FORECAST, not REUSE, and return something else than the last
+    residual; the result stays close to uncached and removal restores it exactly."""
+    pipe = FluxLoop()
+    reference = pipe(20)
+    settings = {"threshold": 0.3, "indicator": "first_block_residual", "coefficients": (1.0, 0.0)}
+    with difcache.apply_cache(pipe, "teacache", **settings) as h:
+        reused = pipe(20)
+        reuse_stats = h.stats().units[0]
+    with difcache.apply_cache(pipe, "teacache", forecast="taylor", order=2, **settings) as h:
+        forecast = pipe(20)
+        (unit,) = h.stats().units
+    assert unit.forecast > 0 and unit.reuse == 0 and reuse_stats.reuse > 0
+    assert not torch.equal(forecast, reused)
+    assert (forecast - reference).abs().max() < 0.2 * reference.abs().max()
+    assert torch.equal(pipe(20), reference)
+
+
 def test_first_block_variant_always_computes_block_zero():
     pipe = FluxLoop()
     with difcache.apply_cache(pipe, "teacache", threshold=0.5, indicator="first_block_residual") as h:
@@ -156,6 +174,10 @@ def test_config_validation():
         difcache.TeaCacheConfig(threshold=0)
     with pytest.raises(ValueError, match="indicator must be one of"):
         difcache.TeaCacheConfig(indicator="magic")
+    with pytest.raises(ValueError, match="forecast must be one of"):
+        difcache.TeaCacheConfig(forecast="linear")
+    with pytest.raises(ValueError, match="order"):
+        difcache.TeaCacheConfig(forecast="taylor", order=5)
     with pytest.raises(ValueError, match="coefficients must be finite"):
         difcache.TeaCacheConfig(coefficients=(float("nan"),))
     assert difcache.TeaCacheConfig.for_family("flux").threshold == 0.6

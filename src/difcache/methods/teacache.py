@@ -21,6 +21,14 @@ and Wan2.1-T2V-1.3B (ret-steps); other families start from the identity ``(1, 0)
 the stack output's change over calibration runs, as the paper does. Default thresholds are the official
 scripts' (FLUX 0.6 ≈ 2.0×, HunyuanVideo 0.15, Wan 0.08); 0.1 elsewhere (ours). First and last steps are
 always computed (Wan: the first 5, as with ``ret_steps``).
+
+``forecast="taylor"`` (ours; the paper reuses): a skipped step extrapolates the cached residual with
+TaylorSeer's finite-difference expansion of order ``order``
+(:class:`~difcache.forecasters.taylor.TaylorForecaster`, in step-index units over the irregular gaps the
+dynamic policy leaves) instead of returning the last one. With the first-block indicator this is what
+cache-dit calls DBCache with its TaylorSeer calibrator (``TaylorSeerCalibratorConfig``, order 1 by default, as
+here). The policy is the same; only what a skipped step returns differs (and, through the latents, the
+indicator's later values).
 """
 
 from __future__ import annotations
@@ -36,16 +44,19 @@ from diffusers.hooks import ModelHook
 from difcache.adapters.layout import Layout
 from difcache.calibration import CalibrationSession
 from difcache.config import CacheConfig, check_choice, check_float, check_int
+from difcache.engine.actions import Action
 from difcache.engine.hooks import register
 from difcache.engine.plan import Plan
 from difcache.engine.range_scope import BlockRangeScope, _Streams
 from difcache.errors import DifcacheError
 from difcache.forecasters.reuse import ReuseForecaster
+from difcache.forecasters.taylor import TaylorForecaster
 from difcache.methods.registry import register_calibrator, register_method
 from difcache.policies.teacache import AccumulatedChangePolicy, relative_l1
 from difcache.profile import Profile
 
 INDICATORS = ("modulated_input", "timestep_embedding", "first_block_residual")
+FORECASTS = ("reuse", "taylor")
 IDENTITY = (1.0, 0.0)
 _PRESETS: dict[str, dict[str, Any]] = {
     "flux": {"threshold": 0.6, "coefficients": (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)},
@@ -73,6 +84,8 @@ class TeaCacheConfig(CacheConfig):
     warmup: first steps always computed (>= 1). cooldown: last steps always computed (>= 0).
     max_consecutive: optional bound on consecutive skipped steps (>= 1), ``None`` for none.
     profile: a TeaCache profile from ``difcache.calibrate`` whose fitted coefficients replace ``coefficients``.
+    forecast: what a skipped step returns, ``"reuse"`` (the paper) or ``"taylor"`` (ours, see above).
+    order: Taylor order 1-4 when ``forecast="taylor"``. Default 1.
     """
 
     method: ClassVar[str] = "teacache"
@@ -83,10 +96,14 @@ class TeaCacheConfig(CacheConfig):
     cooldown: int = 1
     max_consecutive: int | None = None
     profile: Any = field(default=None, compare=False)
+    forecast: str = "reuse"
+    order: int = 1
 
     def __post_init__(self) -> None:
         check_float(self, "threshold", 0.0, lo_open=True)
         check_choice(self, "indicator", INDICATORS)
+        check_choice(self, "forecast", FORECASTS)
+        check_int(self, "order", 1, 4)
         check_int(self, "warmup", 1, 1000)
         check_int(self, "cooldown", 0, 1000)
         check_int(self, "max_consecutive", 1, 1000, allow_none=True)
@@ -228,10 +245,13 @@ def build(config: TeaCacheConfig, layout: Layout) -> Plan:
         profile = Profile.load(config.profile)
         profile.check("teacache", type(layout.model).__name__, layout.fingerprint)
         coefficients = tuple(profile.data["coefficients"])
+    taylor = config.forecast == "taylor"
     policy = AccumulatedChangePolicy(
-        config.threshold, coefficients, config.warmup, config.cooldown, config.max_consecutive
-    )
-    return Plan(_scope(config, layout), policy, ReuseForecaster())
+        config.threshold, coefficients, config.warmup, config.cooldown, config.max_consecutive,
+        Action.FORECAST if taylor else Action.REUSE,
+    )  # fmt: skip
+    forecaster = TaylorForecaster(config.order) if taylor else ReuseForecaster()
+    return Plan(_scope(config, layout), policy, forecaster)
 
 
 @register_calibrator(TeaCacheConfig)
