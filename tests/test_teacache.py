@@ -182,3 +182,9 @@ def test_config_validation():
         difcache.TeaCacheConfig(coefficients=(float("nan"),))
     assert difcache.TeaCacheConfig.for_family("flux").threshold == 0.6
     assert difcache.TeaCacheConfig.for_family("wan").indicator == "timestep_embedding"
+    # a preset's polynomial belongs to its indicator: another indicator starts from the identity
+    wan = difcache.TeaCacheConfig.for_family("wan")
+    assert wan.coefficients != (1.0, 0.0)
+    assert wan.replace(indicator="first_block_residual").coefficients == (1.0, 0.0)
+    assert wan.replace(indicator="first_block_residual", coefficients=(2.0, 0.0)).coefficients == (2.0, 0.0)
+    assert wan.replace(threshold=0.2).coefficients == wan.coefficients

@@ -116,6 +116,15 @@ class TeaCacheConfig(CacheConfig):
     def for_family(cls, family: str) -> TeaCacheConfig:
         return cls(**_PRESETS.get(family, {}))
 
+    def replace(self, **overrides: Any) -> TeaCacheConfig:
+        """As :meth:`CacheConfig.replace`; changing ``indicator`` without new ``coefficients`` resets them to the
+        identity. A polynomial is fitted for one indicator (the Wan preset's maps changes of the timestep
+        embedding), and carried over to another it rescales the wrong quantity: ``apply_cache(wan_pipe,
+        "teacache", indicator="first_block_residual")`` would otherwise run with Wan's timestep polynomial."""
+        if overrides.get("indicator", self.indicator) != self.indicator and "coefficients" not in overrides:
+            overrides = {**overrides, "coefficients": IDENTITY}
+        return super().replace(**overrides)
+
 
 # ---------------------------------------------------------------------------------------------- indicators
 def _norm1_arguments(family: str) -> Callable[[dict], tuple[tuple, dict]] | None:
