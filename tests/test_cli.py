@@ -145,6 +145,16 @@ def test_structural_settings_get_their_own_pareto_curve():
     assert first_block == "difcache:teacache indicator=first_block_residual"
 
 
+def test_pareto_points_keep_finite_psnr_and_draw_identical_outputs_above_them():
+    from difcache.eval.bench import pareto_points
+
+    rows = [{"status": "ok", "group": "g", "ideal_speedup": s, "psnr": p} for s, p in ((1.0, float("inf")),
+            (1.3, 63.1), (2.0, 40.0))] + [{"status": "failed: x", "group": "g", "ideal_speedup": None, "psnr": None}]
+    groups, cap = pareto_points(rows, "ideal_speedup")
+    assert cap == 70 and groups == {"g": [(1.0, 70), (1.3, 63.1), (2.0, 40.0)]}  # 63.1 is not clipped
+    assert pareto_points(rows[1:], "ideal_speedup")[1] is None  # no identical output, nothing to explain
+
+
 def test_matched_comparison_takes_the_best_difcache_row_at_least_as_fast():
     from difcache.eval.bench import markdown_table, matched_comparison
 
