@@ -96,7 +96,7 @@ def parse_fields(text: str) -> dict[str, Any]:
     for item in filter(str.strip, items):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"Bad setting {item!r} in {text!r}: expected key=value[,key=value...].")
+            raise ValueError(f"expected key=value[,key=value...], got {item.strip()!r} in {text!r}")
         try:
             fields[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

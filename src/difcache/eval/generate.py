@@ -94,7 +94,7 @@ def parse_setting(text: str) -> Setting:
         try:
             fields = parse_fields(rest)
         except ValueError as err:
-            raise DifcacheError(f"Bad setting {text!r}: expected method:key=value,key=value ({err}).") from None
+            raise DifcacheError(f"Bad setting {text!r}: {err} (a setting is method:key=value,key=value).") from None
         label = text
     methods = difcache.list_methods()
     if method not in methods:

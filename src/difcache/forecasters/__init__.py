@@ -1,7 +1,28 @@
 """Forecasters: what a unit returns when it is not computed."""
 
+from difcache.engine.actions import Action
 from difcache.forecasters.base import Feature, Forecaster
 from difcache.forecasters.reuse import ReuseForecaster
 from difcache.forecasters.taylor import TaylorForecaster, TaylorState
 
-__all__ = ["Feature", "Forecaster", "ReuseForecaster", "TaylorForecaster", "TaylorState"]
+# The ``forecast`` setting of methods whose paper reuses and that offer a Taylor forecast as well (BAC, TeaCache).
+FORECASTS = ("reuse", "taylor")
+
+
+def skipped_step(forecast: str, order: int = 1) -> tuple[Action, Forecaster]:
+    """The action and forecaster for a ``forecast`` setting: ``"reuse"`` returns the last computed output,
+    ``"taylor"`` extrapolates it with TaylorSeer's expansion of ``order``."""
+    if forecast == "taylor":
+        return Action.FORECAST, TaylorForecaster(order)
+    return Action.REUSE, ReuseForecaster()
+
+
+__all__ = [
+    "FORECASTS",
+    "Feature",
+    "Forecaster",
+    "ReuseForecaster",
+    "TaylorForecaster",
+    "TaylorState",
+    "skipped_step",
+]

@@ -54,12 +54,10 @@ from torch.utils._pytree import tree_flatten
 from difcache.adapters.layout import Layout
 from difcache.calibration import CalibrationSession
 from difcache.config import CacheConfig, check_choice, check_int
-from difcache.engine.actions import Action
 from difcache.engine.plan import Plan
 from difcache.engine.scopes import ModuleScope
 from difcache.errors import DifcacheError
-from difcache.forecasters.reuse import ReuseForecaster
-from difcache.forecasters.taylor import TaylorForecaster
+from difcache.forecasters import FORECASTS, skipped_step
 from difcache.methods.registry import register_calibrator, register_method
 from difcache.policies.bac import (
     METRICS,
@@ -73,7 +71,6 @@ from difcache.policies.bac import (
 )
 from difcache.profile import Profile
 
-FORECASTS = ("reuse", "taylor")
 _DIGITS = 7  # significant digits kept in the profile's JSON
 
 
@@ -222,14 +219,8 @@ def build(config: BACConfig, layout: Layout) -> Plan:
     kinds = [u.kind for u in layout.units]
     blocks = [u.block for u in layout.units]
     steps = schedule(data, kinds, blocks, budget, config.num_bu_units, config.force_last)
-    taylor = config.forecast == "taylor"
-    policy = BACSchedule(
-        tuple(frozenset(s) for s in steps),
-        profile.num_steps,
-        Action.FORECAST if taylor else Action.REUSE,
-        profile,
-    )
-    forecaster = TaylorForecaster(order=1) if taylor else ReuseForecaster()
+    skip_action, forecaster = skipped_step(config.forecast)
+    policy = BACSchedule(tuple(frozenset(s) for s in steps), profile.num_steps, skip_action, profile)
     return Plan(ModuleScope(layout.units), policy, forecaster)
 
 

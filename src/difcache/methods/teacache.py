@@ -44,19 +44,16 @@ from diffusers.hooks import ModelHook
 from difcache.adapters.layout import Layout
 from difcache.calibration import CalibrationSession
 from difcache.config import CacheConfig, check_choice, check_float, check_int
-from difcache.engine.actions import Action
 from difcache.engine.hooks import register
 from difcache.engine.plan import Plan
 from difcache.engine.range_scope import BlockRangeScope, _Streams
 from difcache.errors import DifcacheError
-from difcache.forecasters.reuse import ReuseForecaster
-from difcache.forecasters.taylor import TaylorForecaster
+from difcache.forecasters import FORECASTS, skipped_step
 from difcache.methods.registry import register_calibrator, register_method
 from difcache.policies.teacache import AccumulatedChangePolicy, relative_l1
 from difcache.profile import Profile
 
 INDICATORS = ("modulated_input", "timestep_embedding", "first_block_residual")
-FORECASTS = ("reuse", "taylor")
 IDENTITY = (1.0, 0.0)
 _PRESETS: dict[str, dict[str, Any]] = {
     "flux": {"threshold": 0.6, "coefficients": (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)},
@@ -254,12 +251,10 @@ def build(config: TeaCacheConfig, layout: Layout) -> Plan:
         profile = Profile.load(config.profile)
         profile.check("teacache", type(layout.model).__name__, layout.fingerprint)
         coefficients = tuple(profile.data["coefficients"])
-    taylor = config.forecast == "taylor"
+    skip_action, forecaster = skipped_step(config.forecast, config.order)
     policy = AccumulatedChangePolicy(
-        config.threshold, coefficients, config.warmup, config.cooldown, config.max_consecutive,
-        Action.FORECAST if taylor else Action.REUSE,
-    )  # fmt: skip
-    forecaster = TaylorForecaster(config.order) if taylor else ReuseForecaster()
+        config.threshold, coefficients, config.warmup, config.cooldown, config.max_consecutive, skip_action
+    )
     return Plan(_scope(config, layout), policy, forecaster)
 
 
