@@ -47,7 +47,7 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.tiny:
-        from difcache.testing.families import output_of, tiny_call_kwargs, tiny_pipeline
+        from difcache.models.tiny import output_of, tiny_call_kwargs, tiny_pipeline
 
         pipe = tiny_pipeline(recipe.family)
         kwargs = tiny_call_kwargs(recipe.family, num_inference_steps=args.steps or 10)

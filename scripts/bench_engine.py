@@ -17,8 +17,8 @@ import platform
 import torch
 
 import difcache
-from difcache.eval.timing import interleaved_medians, oracle_speedup, time_units
-from difcache.testing.flow_loop import FluxLoop, flux_transformer
+from difcache.bench.timing import interleaved_medians, oracle_speedup, time_units
+from difcache.models.flow_loop import FluxLoop, flux_transformer
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from difcache.attention import SparseAttentionConfig, apply_sparse_attention
 from difcache.attention.runtime import select_pattern
-from difcache.eval.timing import interleaved_medians
+from difcache.bench.timing import interleaved_medians
 from difcache.kernels import (
     block_sparse_attention_cpp,
     block_sparse_attention_flex,

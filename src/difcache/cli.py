@@ -25,7 +25,7 @@ def _parse_setting(text: str) -> tuple[str, dict[str, Any]]:
 def _cmd_list(args: argparse.Namespace) -> int:
     import difcache
     from difcache.adapters import registered_adapters
-    from difcache.eval.alternatives import ALTERNATIVES
+    from difcache.bench.alternatives import ALTERNATIVES
 
     print("methods:")
     for name, description in difcache.list_methods().items():
@@ -55,8 +55,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from difcache.eval.bench import alternative_variant, difcache_variant, markdown_table, run_bench, write_report
-    from difcache.eval.targets import build_target, default_variants
+    from difcache.bench.run import alternative_variant, difcache_variant, markdown_table, run_bench, write_report
+    from difcache.bench.targets import build_target, default_variants
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +77,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import difcache
-    from difcache.eval.targets import build_target, calibration_calls
+    from difcache.bench.targets import build_target, calibration_calls
 
     target = build_target(args.model, steps=args.steps, seeds=(0,))
     profile = difcache.calibrate(

@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import difcache
+from difcache.bench.timing import interleaved_medians
 from difcache.eval.metrics import psnr, ssim
-from difcache.eval.timing import interleaved_medians
 from difcache.models import CLASSES, available, load
 from difcache.models.shapes import to_uint8_grid
 
