@@ -7,16 +7,15 @@ handle.remove()
 """
 
 from difcache.adapters import block_adapter, register_adapter
-from difcache.api import CacheHandle, apply_cache, remove_cache
+from difcache.api import CacheHandle, apply_cache, calibrate, remove_cache
 from difcache.attention import (
     SparseAttentionConfig,
     SparseAttentionHandle,
     SparseAttentionStats,
     apply_sparse_attention,
 )
-from difcache.calibration import calibrate
 from difcache.config import CacheConfig
-from difcache.engine.actions import Action
+from difcache.core import Action
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import (
@@ -32,8 +31,7 @@ from difcache.methods import (
     register_method,
 )
 from difcache.profile import Profile
-
-__version__ = "0.1.0"
+from difcache.version import __version__ as __version__
 
 __all__ = [
     "Action",

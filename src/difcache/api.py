@@ -1,29 +1,43 @@
-"""The public verbs: ``apply_cache`` and ``remove_cache``, and the handle they return."""
+"""The public verbs: ``apply_cache``, ``remove_cache`` and ``calibrate`` (``autotune`` is beside them in
+:mod:`difcache.autotune`), and the handle ``apply_cache`` returns."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from difcache.adapters import layout_of
 from difcache.config import CacheConfig
+from difcache.engine.calibration import CalibrationSession
 from difcache.engine.runtime import CacheRuntime
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import method_spec, resolve_config
+from difcache.profile import Profile
+from difcache.version import __version__
 
 _HANDLE_ATTR = "_difcache_cache"
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself behind a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``)."""
+    while isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def find_denoiser(target: Any) -> tuple[torch.nn.Module, Any]:
-    """The denoiser (``transformer`` or ``unet``) and scheduler of a pipeline, or ``(target, None)`` for a module."""
+    """The denoiser (``transformer`` or ``unet``, unwrapped from ``torch.compile``) and the pipeline it belongs
+    to, or ``(module, None)`` when ``target`` is the module itself."""
     if isinstance(target, torch.nn.Module):
-        return target, None
+        return unwrap(target), None
     for name in ("transformer", "unet"):
         module = getattr(target, name, None)
         if isinstance(module, torch.nn.Module):
-            return module, getattr(target, "scheduler", None)
+            return unwrap(module), target
     raise DifcacheError(
         f"Cannot find a denoiser in {type(target).__name__}: expected a diffusers pipeline with a `transformer` "
         "or `unet`, or the denoiser module itself (e.g. apply_cache(pipe.transformer, ...))."
@@ -73,26 +87,39 @@ class CacheHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        from difcache.engine.steps import _NO_COPY
+
+        raise DifcacheError(_NO_COPY)
+
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         units = len(self._runtime.plan.scope.units) if self._runtime is not None else "?"
         return f"CacheHandle({self.config!r}, {units} units, {state})"
 
 
-def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", **overrides: Any) -> CacheHandle:
+def apply_cache(
+    target: Any,
+    method: str | CacheConfig | None = None,
+    *,
+    profile: str | os.PathLike | Profile | None = None,
+    **overrides: Any,
+) -> CacheHandle:
     """Cache the denoiser of ``target`` (a diffusers pipeline or the denoiser module) with ``method``.
 
     Args:
         target: a pipeline (its ``transformer`` or ``unet`` is cached, and its scheduler gives exact step
-            indices) or a denoiser module.
-        method: a method name (``difcache.list_methods()``), which takes the paper's defaults for this model
-            family, or a config instance such as ``difcache.TaylorSeerConfig(interval=6)``.
+            indices) or a denoiser module; either may be compiled (``torch.compile``) before or after.
+        method: a method name (``difcache.list_methods()``), which takes the paper's defaults for this model,
+            or a config instance such as ``difcache.TaylorSeerConfig(interval=6)``. Default ``"taylorseer"``,
+            or the method a ``profile`` was made for.
+        profile: a profile from ``difcache.autotune`` or ``difcache.calibrate`` (path or object).
         **overrides: config fields to override, e.g. ``interval=3``.
 
     Returns:
         A :class:`CacheHandle`; the pipeline is called exactly as before.
     """
-    model, scheduler = find_denoiser(target)
+    model, source = find_denoiser(target)
     existing = getattr(model, _HANDLE_ATTR, None)
     if existing is not None:
         raise DifcacheError(
@@ -104,10 +131,14 @@ def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", **overrid
             f"{type(model).__name__} already has a diffusers cache ({type(model._cache_config).__name__}); "
             "call model.disable_cache() first: the two would both skip work and stack errors."
         )
+    if profile is not None:
+        loaded = Profile.load(profile)
+        method = loaded.method if method is None else method
+        overrides = {**overrides, "profile": loaded}
     layout = layout_of(model)
     try:
-        config = resolve_config(method, layout.family, overrides)
-    except DifcacheError as err:
+        config = resolve_config("taylorseer" if method is None else method, layout, overrides)
+    except (DifcacheError, TypeError, ValueError) as err:
         raise DifcacheError(f"apply_cache({method!r}) on {type(model).__name__}: {err}") from None
     plan = method_spec(config).build(config, layout)
     if not plan.scope.units:  # never report caching as enabled when nothing would be hooked
@@ -115,7 +146,7 @@ def apply_cache(target: Any, method: str | CacheConfig = "taylorseer", **overrid
             f"{config.method!r} finds nothing to cache in {type(model).__name__}; for UNets without transformer "
             "blocks use method='deepcache', or register an adapter with difcache.register_adapter(...)."
         )
-    runtime = CacheRuntime(config.method, layout, plan, scheduler)
+    runtime = CacheRuntime(config.method, layout, plan, source)
     runtime.install()
     handle = CacheHandle(runtime, config)
     setattr(model, _HANDLE_ATTR, handle)
@@ -130,3 +161,55 @@ def remove_cache(target: Any) -> bool:
         return False
     handle.remove()
     return True
+
+
+def check_calibration_call(target: Any, call_kwargs: Sequence[dict[str, Any]], num_inference_steps: int) -> None:
+    """The checks ``calibrate`` and ``autotune`` share: inputs given, a sane step count, the model uncached."""
+    if not call_kwargs:
+        raise DifcacheError("At least one entry in call_kwargs is needed (the inputs to run).")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise DifcacheError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
+    model, _ = find_denoiser(target)
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise DifcacheError("Calibration runs the model uncached; call handle.remove() first.")
+
+
+def calibrate(
+    pipe: Any,
+    method: str,
+    call_kwargs: Sequence[dict[str, Any]],
+    num_inference_steps: int,
+    **overrides: Any,
+) -> Profile:
+    """Calibrate ``method`` on ``pipe`` with uncached runs over ``call_kwargs``; returns a :class:`Profile`.
+
+    Example::
+
+        profile = difcache.calibrate(pipe, "bac", [dict(prompt=p) for p in prompts], num_inference_steps=50)
+        profile.save("flux-50.json")
+        difcache.apply_cache(pipe, "bac", profile="flux-50.json")
+    """
+    check_calibration_call(pipe, call_kwargs, num_inference_steps)
+    model, source = find_denoiser(pipe)
+    if source is None:
+        raise DifcacheError("calibrate() needs the pipeline (its scheduler gives step indices), not a bare module.")
+    layout = layout_of(model)
+    config = resolve_config(method, layout, overrides)
+    spec = method_spec(config)
+    if spec.calibrate is None:
+        raise DifcacheError(f"{config.method!r} needs no calibration; apply it directly with apply_cache.")
+    session = CalibrationSession(pipe, model, num_inference_steps)
+    try:
+        data = spec.calibrate(config, layout, session, list(call_kwargs))
+    finally:
+        session.close()
+    return Profile(
+        method=config.method,
+        model_class=type(model).__name__,
+        fingerprint=layout.fingerprint,
+        num_steps=num_inference_steps,
+        data=data,
+        config={k: v for k, v in config.to_dict().items() if k != "profile"},
+        version=Profile.VERSION,
+        difcache_version=__version__,
+    )

@@ -10,7 +10,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import os
 from typing import Any, ClassVar
+
+from difcache.adapters.layout import Layout
+from difcache.profile import Profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,12 @@ class CacheConfig:
         """The defaults for a model family (``"flux"``, ``"wan"``, ...); the paper's defaults unless overridden."""
         return cls()
 
+    @classmethod
+    def for_layout(cls, layout: Layout) -> CacheConfig:
+        """The defaults for this model: its family's (:meth:`for_family`) unless a method tells sizes or tasks
+        apart (TeaCache's presets per model)."""
+        return cls.for_family(layout.family)
+
     def replace(self, **overrides: Any) -> CacheConfig:
         """A copy with ``overrides`` applied (and validated); unknown names raise naming the valid fields."""
         names = {f.name for f in dataclasses.fields(self)}
@@ -34,7 +44,31 @@ class CacheConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "version": self.VERSION, **dataclasses.asdict(self)}
+        """Plain fields plus ``method`` and ``version``; a profile given as an object is written as its path."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "profile" in fields and fields["profile"] is not None and not isinstance(fields["profile"], str):
+            fields["profile"] = os.fspath(fields["profile"]) if hasattr(fields["profile"], "__fspath__") else None
+        return {"method": self.method, "version": self.VERSION, **fields}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CacheConfig:
+        """The config a :meth:`to_dict` wrote, validated; a newer version or another method is refused."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(raw).__name__}.")
+        values = dict(raw)
+        method, version = values.pop("method", cls.method), values.pop("version", cls.VERSION)
+        if method != cls.method:
+            raise ValueError(f"This is a {method!r} config, not {cls.method!r}; use that method's config class.")
+        if isinstance(version, bool) or not isinstance(version, int) or version > cls.VERSION:
+            raise ValueError(
+                f"{cls.__name__} version {version!r} is newer than this difcache reads ({cls.VERSION}); upgrade "
+                "difcache or write the config again with this version."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field(s) {unknown}; valid fields are {sorted(names)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def check_int(owner: object, name: str, lo: int, hi: int | None = None, *, allow_none: bool = False) -> None:
@@ -70,6 +104,15 @@ def check_bool(owner: object, name: str) -> None:
     value = getattr(owner, name)
     if not isinstance(value, bool):
         raise TypeError(f"{type(owner).__name__}.{name} must be True or False, got {value!r}.")
+
+
+def check_profile(owner: object, name: str = "profile") -> None:
+    """Raise unless ``owner.name`` is ``None``, a path or a :class:`~difcache.profile.Profile`."""
+    value = getattr(owner, name)
+    if value is not None and not isinstance(value, Profile | str) and not hasattr(value, "__fspath__"):
+        raise TypeError(
+            f"{type(owner).__name__}.{name} must be a path or a difcache.Profile, got {type(value).__name__}."
+        )
 
 
 def check_choice(owner: object, name: str, choices: tuple[str, ...]) -> None:

@@ -8,8 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from difcache.engine.actions import Action
-from difcache.engine.steps import StepInfo
+from difcache.core import Action, StepInfo
 from difcache.policies.teacache import AccumulatedChangePolicy, relative_l1
 
 

@@ -1,6 +1,6 @@
 """Schedules reproduce the official code's patterns."""
 
-from difcache.engine.actions import Action
+from difcache.core import Action
 from difcache.policies import FORASchedule, TaylorSeerSchedule, schedule_string, schedule_table
 
 

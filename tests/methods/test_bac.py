@@ -10,13 +10,12 @@ import torch
 from diffusers import UNet2DModel
 
 import difcache
-from difcache.calibration import subsample
-from difcache.engine.actions import Action
-from difcache.methods.bac import BACConfig, _Subsampler
+from difcache.core import Action
+from difcache.engine.calibration import subsample
+from difcache.methods.bac import BACConfig
 from difcache.models.flow_loop import FluxLoop, flux_transformer
 from difcache.models.tiny import output_of, tiny_call_kwargs, tiny_pipeline
 from difcache.policies.bac import (
-    BACSchedule,
     bubbling_union,
     most_volatile,
     optimal_update_steps,
@@ -25,6 +24,7 @@ from difcache.policies.bac import (
     similarity_matrix,
     volatility,
 )
+from difcache.policies.table import TableSchedule
 from difcache.profile import Profile
 
 STEPS = 12
@@ -176,7 +176,7 @@ def test_config_defaults_budget_and_round_trip():
 
 
 def test_schedule_is_a_table_and_refuses_other_step_counts():
-    policy = BACSchedule((frozenset({0, 2}), frozenset({0, 1, 2})), 3, Action.FORECAST)
+    policy = TableSchedule((frozenset({0, 2}), frozenset({0, 1, 2})), 3, Action.FORECAST)
     assert [policy.decide(s, 3, 0) for s in range(3)] == [Action.COMPUTE, Action.FORECAST, Action.COMPUTE]
     assert [policy.decide(s, 3, 1) for s in range(3)] == [Action.COMPUTE] * 3
     assert policy.decide(5, None, 0) == Action.COMPUTE  # past a bare module's schedule: compute
@@ -192,7 +192,7 @@ def profile():
 
 
 def _steps_of(handle):
-    return [sorted(s) for s in handle._runtime.plan.policy.update_steps]
+    return [sorted(s) for s in handle._runtime.plan.policy.compute]
 
 
 def test_calibration_stores_matrices_and_volatility_per_unit(profile):
@@ -267,7 +267,7 @@ def test_profile_for_another_layout_or_step_count_is_refused(profile):
     with pytest.raises(difcache.DifcacheError, match="fingerprint"):
         difcache.apply_cache(_loop(single_layers=3), "bac", profile=profile)
     pipe = _loop()
-    wrong_steps = pytest.raises(difcache.DifcacheError, match=f"calibrated for {STEPS} steps.*num_inference_steps=")
+    wrong_steps = pytest.raises(difcache.DifcacheError, match=f"made for {STEPS} steps.*num_inference_steps=")
     with difcache.apply_cache(pipe, "bac", profile=profile), wrong_steps:
         pipe(STEPS + 2, 0)
     with pytest.raises(difcache.DifcacheError, match=r"budget must be in \[1, 12\]"):
@@ -299,11 +299,12 @@ def _corrupt(profile, tmp_path, edit):
     [
         (lambda r: r["data"]["similarity"][2].pop(), r"`data.similarity\[2\]` must be a 12 x 12 matrix"),
         (lambda r: r["data"]["similarity"][0][3].__setitem__(1, "x"), r"`data.similarity\[0\]`.*finite numbers"),
-        (lambda r: r["data"]["similarity"].pop(), r"`data.similarity` must be a list of one \[12 x 12\] matrix"),
+        (lambda r: r["data"]["similarity"].pop(), r"`data.similarity` must be a list of 5 \[12 x 12\] matrices"),
         (lambda r: r["data"]["volatility"].__setitem__(0, -1.0), r"`data.volatility` must be a list of 5"),
-        (lambda r: r["data"].pop("metric"), r"`data.metric` must be one of"),
+        (lambda r: r["data"].pop("metric"), r"`data.metric` is missing"),
+        (lambda r: r["data"].__setitem__("metric", "l2"), r"`data.metric` must be one of"),
         (lambda r: r.__setitem__("num_steps", "12"), r"field `num_steps` must be int"),
-        (lambda r: r.__setitem__("method", "ertacache"), r"calibrates 'ertacache', not 'bac'"),
+        (lambda r: r.__setitem__("method", "ertacache"), r"configures 'ertacache', not 'bac'"),
     ],
 )
 def test_corrupt_profile_fields_are_named(profile, tmp_path, edit, message):
@@ -321,13 +322,13 @@ def test_metric_is_fixed_at_calibration(profile):
         assert _steps_of(h) == [list(optimal_update_steps(m, 3, minimize=True)) for m in l1.data["similarity"]]
 
 
-def test_calibration_sampler_picks_the_entries_subsample_picks():
-    sampler = _Subsampler(100)
+def test_subsample_draws_its_index_once_per_size_and_device():
     big, other = torch.randn(3, 1000), torch.randn(3000)
-    assert torch.equal(sampler(big), subsample(big, 100)) and torch.equal(sampler(big * 2), subsample(big * 2, 100))
-    assert torch.equal(sampler(other), subsample(other, 100))  # another size: another index
+    first = subsample(big, 100)
+    assert torch.equal(subsample(big * 2, 100), first * 2)  # the same entries for every tensor of this size
+    assert subsample(other, 100).shape == (100,) and not torch.equal(subsample(other, 100), subsample(big, 100))
     small = torch.randn(50, dtype=torch.float16)
-    assert torch.equal(sampler(small), subsample(small, 100)) and sampler(small).dtype == torch.float32
+    assert torch.equal(subsample(small, 100), small.float()) and subsample(small, 100).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------- cached runs

@@ -23,11 +23,11 @@ from diffusers import (
 from torch.utils.flop_counter import FlopCounterMode
 
 import difcache
-import difcache.engine.unet_scope as unet_scope
+import difcache.engine.scopes.module as unit_scope
 from difcache.adapters import layout_of
-from difcache.engine.actions import Action
+from difcache.core import Action
 from difcache.engine.flops import _CUSTOM
-from difcache.engine.unet_scope import deep_path
+from difcache.engine.scopes.skip_branch import deep_path
 from difcache.methods.deepcache import DeepCacheConfig
 from difcache.policies.deepcache import DeepCacheSchedule
 
@@ -449,7 +449,7 @@ def test_placeholders_never_reach_the_output(pipes, name, monkeypatch):
         with difcache.apply_cache(pipe, "deepcache", cache_branch_id=branch, cache_interval=2):
             normal = run(pipe, kwargs_fn, steps=4)
             with monkeypatch.context() as patch:
-                patch.setattr(unet_scope, "placeholder", lambda s, d, dev: torch.full(s, float("nan"), dtype=d))
+                patch.setattr(unit_scope, "placeholder", lambda s, d, dev: torch.full(s, float("nan"), dtype=d))
                 poisoned = run(pipe, kwargs_fn, steps=4)
         assert torch.equal(normal, poisoned), branch
 
@@ -509,16 +509,23 @@ def test_img2img_schedule_counts_from_the_first_step_run(pipes):
     assert counter.calls == 7 and counter.computed == [0, 2, 4, 6]
 
 
-def test_bare_unet_uniform_matches_pipeline_and_non_uniform_asks_for_pipeline(pipes):
+def test_bare_unet_called_by_a_pipeline_follows_its_scheduler_and_alone_asks_for_one(pipes):
     pipe = pipes["sd15"]
-    with difcache.apply_cache(pipe, "deepcache"):
-        expected = run(pipe, sd15_kwargs, steps=5)
-    with difcache.apply_cache(pipe.unet, "deepcache") as handle:
-        assert torch.equal(run(pipe, sd15_kwargs, steps=5), expected)
-        assert torch.equal(run(pipe, sd15_kwargs, steps=5), expected)
-        assert handle.stats().runs == 2
+    for uniform in (True, False):
+        with difcache.apply_cache(pipe, "deepcache", uniform=uniform):
+            expected = run(pipe, sd15_kwargs, steps=5)
+        # Applied to the UNet alone, the tracker finds the calling pipeline (and its scheduler) on the stack.
+        with difcache.apply_cache(pipe.unet, "deepcache", uniform=uniform) as handle:
+            assert torch.equal(run(pipe, sd15_kwargs, steps=5), expected)
+            assert torch.equal(run(pipe, sd15_kwargs, steps=5), expected)
+            assert handle.stats().runs == 2 and "DDIMScheduler" in handle.stats().steps_source
+    # A loop of the user's own, with no scheduler anywhere: the step count is unknown.
+    unet, x = pipe.unet, torch.randn(1, 4, 16, 16)
     with (
-        difcache.apply_cache(pipe.unet, "deepcache", uniform=False),
+        difcache.apply_cache(unet, "deepcache", uniform=False),
         pytest.raises(difcache.DifcacheError, match="needs the number of steps"),
     ):
-        run(pipe, sd15_kwargs, steps=5)
+        for t in (900, 600):
+            unet(x, t, encoder_hidden_states=torch.randn(1, 7, 16))
+
+

@@ -6,7 +6,7 @@ import torch
 from helpers import FluxLoop
 
 import difcache
-from difcache.engine.actions import Action
+from difcache.core import Action
 from difcache.policies.stage import FRONT, REAR, StageSwitchSchedule
 
 

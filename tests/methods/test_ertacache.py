@@ -8,18 +8,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 import difcache
-from difcache.engine.actions import Action
+from difcache.core import Action, combine
 from difcache.engine.steps import StepTracker
 from difcache.forecasters.rectified import RectifiedForecaster, fit_rectification, from_paper, to_paper
-from difcache.methods.ertacache import (
-    ERTACacheConfig,
-    TimestepAdjustment,
-    fit_coefficients,
-    select_reuse_steps,
-    step_factors,
-)
+from difcache.methods.ertacache import ERTACacheConfig
+from difcache.methods.ertacache_calibration import fit_coefficients, select_reuse_steps, step_factors
+from difcache.methods.ertacache_timesteps import TimestepAdjustment
 from difcache.models.flow_loop import FluxLoop, flux_transformer
-from difcache.policies.step_set import StepSetSchedule
+from difcache.policies.table import TableSchedule
 
 STEPS = 20
 THRESHOLD = 0.4  # the random-weight model's residual changes by 25-45% per step; 0.4 reuses about 2/3 of them
@@ -72,10 +68,10 @@ def test_reuse_set_merges_samples_before_deciding_and_forces_ends():
     assert select_reuse_steps([a], 10.0, warmup=1, cooldown=3)[0] == (False, False, False, False)
 
 
-def test_step_set_schedule_is_a_table_and_refuses_other_step_counts():
-    schedule = StepSetSchedule((False, True, False))
+def test_reuse_set_is_a_table_and_refuses_other_step_counts():
+    schedule = TableSchedule.from_skips((False, True, False), Action.REUSE, ("ERTACache reuse set", "recalibrate"))
     assert [schedule.decide(s, 3, 0) for s in range(3)] == [Action.COMPUTE, Action.REUSE, Action.COMPUTE]
-    with pytest.raises(difcache.DifcacheError, match="calibrated for 3 steps.*num_inference_steps=3"):
+    with pytest.raises(difcache.DifcacheError, match="made for 3 steps.*num_inference_steps=3 or recalibrate"):
         schedule.decide(0, 4, 0)
 
 
@@ -88,7 +84,8 @@ def test_closed_form_coefficients_recover_a_known_linear_error():
     assert a == pytest.approx(0.3, abs=1e-12) and b == pytest.approx(-0.2, abs=1e-12)
     k, big_b = to_paper(a, b)  # ε ≈ σ(K·f + B) linearised: K = 4a, B = 4(b − 1/2)
     assert (k, big_b) == pytest.approx((1.2, -2.8)) and from_paper(k, big_b) == pytest.approx((a, b))
-    (rectified,) = RectifiedForecaster(((None,), ((a, b),))).predict([cached.float()], 1)
+    forecaster = RectifiedForecaster(((None,), ((a, b),)))
+    (rectified,) = combine([[cached.float()]], forecaster.combination(1, (0,), 0))
     assert torch.allclose(rectified.double(), true, atol=1e-5)
     # With noise the fit is the least-squares one: unbiased on a large sample.
     noisy = true + 0.1 * torch.randn(4096, generator=gen, dtype=torch.float64)
@@ -110,7 +107,7 @@ def test_fit_pools_samples_per_step_and_leaf_and_reduces_in_sample_error():
     assert a == pytest.approx(0.5, abs=0.02) and abs(b) < 0.02
     forecaster = RectifiedForecaster.from_lists(coefficients)
     for r0_r1 in samples:
-        (rectified, _) = forecaster.predict([r0_r1[0][0], r0_r1[0][1]], 1)
+        (rectified, _) = combine([[r0_r1[0][0], r0_r1[0][1]]], forecaster.combination(1, (0,), 0))
         assert (rectified - r0_r1[1][0]).norm() < 0.2 * (r0_r1[0][0] - r0_r1[1][0]).norm()
 
 
@@ -285,17 +282,17 @@ def test_profile_errors_name_the_problem(calibrated, tmp_path):
         difcache.apply_cache(loop, "ertacache")
     with (
         difcache.apply_cache(loop, "ertacache", profile=profile),
-        pytest.raises(difcache.DifcacheError, match=f"calibrated for {STEPS} steps.*num_inference_steps={STEPS}"),
+        pytest.raises(difcache.DifcacheError, match=f"made for {STEPS} steps.*num_inference_steps={STEPS}"),
     ):
         loop(num_inference_steps=STEPS + 2)
     assert "step" not in vars(loop.scheduler)
     with pytest.raises(difcache.DifcacheError, match="different layout"):
         difcache.apply_cache(_loop(single_layers=3), "ertacache", profile=profile)
     teacache = dataclasses.replace(profile, method="teacache")
-    with pytest.raises(difcache.DifcacheError, match="calibrates 'teacache'"):
+    with pytest.raises(difcache.DifcacheError, match="configures 'teacache'"):
         difcache.apply_cache(loop, "ertacache", profile=teacache)
     for field, value, message in [
-        ("phi", [1.0] * (STEPS - 1), "data.phi.*entries"),
+        ("phi", [1.0] * (STEPS - 1), f"data.phi. must be a list of {STEPS}"),
         ("reuse_steps", [0, 3], "data.reuse_steps"),
         ("K", None, "data.K"),
         ("B", [None] * STEPS, "data.K.*data.B"),

@@ -7,8 +7,7 @@ import torch
 from helpers import FluxLoop
 
 import difcache
-from difcache.engine.actions import Action
-from difcache.engine.steps import StepInfo
+from difcache.core import Action, StepInfo
 from difcache.policies.teacache import AccumulatedChangePolicy, polyval
 
 

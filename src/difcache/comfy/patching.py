@@ -38,14 +38,12 @@ from difcache.comfy.run import OUTER_SAMPLE, add_step_wrapper, sampling_run
 from difcache.comfy.scope import ResidualBlockScope
 from difcache.comfy.sparse import ComfyWanSparse, check_supported, sparse_api
 from difcache.config import CacheConfig
-from difcache.engine.actions import Action
-from difcache.engine.plan import Plan
+from difcache.core import Action, Plan, StaticPolicy
 from difcache.engine.runtime import CacheRuntime
-from difcache.engine.scopes import ModuleScope
+from difcache.engine.scopes.module import ModuleScope
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import list_methods, method_spec, resolve_config
-from difcache.policies.base import StaticPolicy
 
 log = logging.getLogger("difcache.comfy")
 
@@ -73,7 +71,7 @@ def comfy_methods() -> tuple[str, ...]:
         for family in _PROBE_FAMILIES:
             layout = Layout(family, probe, (Block("b.0", probe, "b", 0),), (Unit("b.0.attn", probe.attn, "attn", 0),))
             try:
-                config = resolve_config(name, family, {})
+                config = resolve_config(name, layout, {})
                 if _fits(method_spec(config).build(config, layout)):
                     fitting.append(name)
                     break
@@ -126,7 +124,7 @@ class CacheSpec:
 
     def config(self, layout: Layout) -> CacheConfig:
         try:
-            return resolve_config(self.method, layout.family, dict(self.overrides))
+            return resolve_config(self.method, layout, dict(self.overrides))
         except (TypeError, ValueError) as err:
             raise DifcacheError(f"difcache {self.method!r} on {type(layout.model).__name__}: {err}") from None
 

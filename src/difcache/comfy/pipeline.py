@@ -70,7 +70,7 @@ def apply_to_pipe(dpipe: DifcachePipe, method: str, overrides: dict[str, Any]) -
     model, _ = find_denoiser(dpipe.pipe)
     layout = layout_of(model)
     try:
-        config = resolve_config(method, layout.family, overrides)
+        config = resolve_config(method, layout, overrides)
         method_spec(config).build(config, layout)  # builds the plan only (no hooks): fails here, not at Sample
     except (TypeError, ValueError) as err:
         raise DifcacheError(f"difcache {method!r} on {type(model).__name__}: {err}") from None

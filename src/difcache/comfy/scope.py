@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 
 from difcache.adapters.layout import Unit
-from difcache.engine.hooks import UNIT_HOOK, register
+from difcache.core import Mode, Slot, UnitRuntime
+from difcache.engine.hooks import ForwardHook, register
+from difcache.engine.scopes.module import UNIT_HOOK
 from difcache.errors import DifcacheError
-
-if TYPE_CHECKING:
-    from difcache.engine.runtime import CacheRuntime
 
 
 class ResidualBlockScope:
@@ -40,21 +38,17 @@ class ResidualBlockScope:
         self.units = units
         self._streams = [streams_of(u.module) for u in units]  # fails early, naming an unknown block class
 
-    def install(self, runtime: CacheRuntime) -> list[Callable[[], None]]:
+    def install(self, runtime: UnitRuntime) -> list[Callable[[], None]]:
         return [
-            register(u.module, _ResidualHook(runtime, i, u.module, streams), UNIT_HOOK)
-            for i, (u, streams) in enumerate(zip(self.units, self._streams, strict=True))
+            register(u.module, _ResidualHook(slot, u.module, streams), UNIT_HOOK)
+            for u, slot, streams in zip(self.units, runtime.slots, self._streams, strict=True)
         ]
 
 
-def _no_signal() -> None:
-    return None
-
-
-class _ResidualHook(ModelHook):
-    def __init__(self, runtime: CacheRuntime, unit: int, block: torch.nn.Module, streams: tuple[str, ...]) -> None:
+class _ResidualHook(ForwardHook):
+    def __init__(self, slot: Slot, block: torch.nn.Module, streams: tuple[str, ...]) -> None:
         super().__init__()
-        self.runtime, self.unit, self.streams = runtime, unit, streams
+        self.slot, self.streams = slot, streams
         self.block_name = type(block).__name__
         params = list(inspect.signature(type(block).forward).parameters)[1:]
         missing = [s for s in streams if s not in params]
@@ -75,31 +69,19 @@ class _ResidualHook(ModelHook):
         return outs
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        rt = self.runtime
-        info = rt.tracker.info
-        if info is None:  # called outside a sampling step: behave as if uncached
+        slot = self.slot
+        if not slot.live.active:  # called outside a sampling step: behave as if uncached
             return self.fn_ref.original_forward(*args, **kwargs)
-        unit = self.unit
         inputs = self._inputs(args, kwargs)
-        action = rt.decide(info, unit, _no_signal)
-        if action:  # REUSE or FORECAST
-            state = rt.store.get(info.branch, unit)
-            if state is not None:
-                residual = rt.plan.forecaster.predict(state, info.step)
-                if residual is None:
-                    rt.stats.units[unit].nonfinite_fallbacks += 1
-                elif all(r.shape == x.shape for r, x in zip(residual, inputs, strict=True)):
-                    rt.counts[action][unit] += 1
-                    rt.stats.skipped_flops += rt.unit_flops[unit]
-                    outs = [(x.float() + r).to(x.dtype) for x, r in zip(inputs, residual, strict=True)]
-                    return outs[0] if len(outs) == 1 else tuple(outs)
-        keep = rt.needs_update(info.step, unit)
+        if slot.mode == Mode.SKIP:
+            residual = slot.forecast()
+            if all(r.shape == x.shape for r, x in zip(residual, inputs, strict=True)):
+                outs = [(x.float() + r).to(x.dtype) for x, r in zip(inputs, residual, strict=True)]
+                return outs[0] if len(outs) == 1 else tuple(outs)
+        keep = slot.mode == Mode.KEEP
         # A copy: the block may write into its input tensors.
         before = [x.detach().to(torch.float32, copy=True) for x in inputs] if keep else None
         output = self.fn_ref.original_forward(*args, **kwargs)
-        rt.counts[0][unit] += 1
         if before is not None:
-            residual = [o.detach().float() - b for o, b in zip(self._outputs(output), before, strict=True)]
-            previous = rt.store.get(info.branch, unit)
-            rt.store.put(info.branch, unit, rt.plan.forecaster.update(previous, info.step, residual))
+            slot.keep([o.detach().float() - b for o, b in zip(self._outputs(output), before, strict=True)])
         return output

@@ -1,49 +1,127 @@
-"""The runtime of one applied cache: plan, step tracker, feature store, stats and the decision table."""
+"""The runtime of one applied cache: it executes a :class:`~difcache.core.Plan` on a denoiser.
+
+Everything that needs Python state happens *before* each denoiser call, when the step tracker announces it
+(:mod:`difcache.engine.steps`): the runtime reads the policy's decision for every unit (a table built once per
+run for static policies), checks that a forecast is possible (the unit has stored outputs, their values are
+finite, an fp16 forecast cannot overflow), asks the forecaster for the weights, and writes all of it into each
+unit's :class:`~difcache.core.Slot`. During the call the scopes' hooks only read their slot, so a compiled
+denoiser sees Python data that guards cheaply and is equal for every step of a kind; counters, FLOPs and memory
+are folded in afterwards from a record of what each call was told to do.
+
+The values of stored outputs are checked with one host read per step, before the next call (``_collect``):
+``max |x|`` of every output kept since, read together. A unit whose outputs are not finite is recomputed
+instead of forecast (counted as ``nonfinite_fallbacks``).
+
+Dynamic policies (TeaCache, first-block cache) decide while the call runs, from a signal the unit's first hook
+computes: :meth:`CacheRuntime.decide_live` is the one place where that host decision is taken, once per step
+(outside any compiled graph: a graph break there, by design). Later calls of the same step (the other CFG
+branch) follow the step's decision.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry
+from diffusers.hooks import HookRegistry, ModelHook
 
 from difcache.adapters.layout import Layout
-from difcache.engine.actions import Action
-from difcache.engine.hooks import ROOT_HOOK, CacheRootHook, register
-from difcache.engine.plan import Plan
+from difcache.core import Action, Combination, Live, Mode, Plan, Slot, StepInfo
+from difcache.engine.flops import measure_flops, measure_flops_without_running
+from difcache.engine.hooks import register
 from difcache.engine.stats import CacheStats, UnitStats
-from difcache.engine.steps import StepInfo, StepTracker
-from difcache.engine.store import FeatureStore
+from difcache.engine.steps import StepTracker, shape_key
+from difcache.engine.store import Entry, FeatureStore
+from difcache.errors import DifcacheError
+from difcache.policies.base import schedule_table
+
+ROOT_HOOK = "difcache_cache_root"
+_FP16_MAX = 65504.0
+_WEIGHTS_CACHE = 512
+
+# FLOPs per (model, input shapes, units): they do not change while the weights' shapes don't, so a cache that
+# is removed and applied again (benchmarks do this every round) does not measure them again.
+_FLOPS_MEMO: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple[int, list[int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass
+class CallRecord:
+    """What one announced call was told to do; the root hook marks it done and notes the input shapes."""
+
+    info: StepInfo
+    actions: list[int]
+    done: bool = False
+    shape: tuple = ()
+    call: tuple | None = field(default=None, repr=False)  # (args, kwargs) of a compiled call, for its FLOPs
+
+
+class CacheRootHook(ModelHook):
+    """On the denoiser: measures FLOPs on the first full call of each input shape, closes the call's record."""
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        rt = self.runtime
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        else:
+            output = rt.measured_call(self.fn_ref.original_forward, args, kwargs)
+        rt.live.active = False
+        record = rt.current
+        if record is not None:
+            record.done = True
+            record.shape = shape_key(args, kwargs)
+            if compiling:
+                record.call = (args, kwargs)
+            rt.current = None
+        return output
 
 
 class CacheRuntime:
-    """Executes a :class:`Plan` on a denoiser.
+    """Executes a :class:`~difcache.core.Plan` on ``layout.model`` (see the module docstring).
 
-    Static policies are turned into a ``table[step][unit]`` of Python ints when a run starts; per-unit hooks
-    only index it. The table also tells whether a unit will be skipped again later in the run, so outputs
-    that no forecast will read are not stored.
+    The interface the scopes' hooks use is ``slots`` and :meth:`decide_live` (:class:`~difcache.core.UnitRuntime`).
     """
 
-    def __init__(self, method: str, layout: Layout, plan: Plan, scheduler: object | None = None) -> None:
+    def __init__(self, method: str, layout: Layout, plan: Plan, source: Any = None) -> None:
         self.layout = layout
         self.plan = plan
         self.model: torch.nn.Module = layout.model
-        self.scheduler = scheduler  # the pipeline's scheduler, or None for a bare denoiser (read by plan extras)
-        self.store = FeatureStore(plan.forecaster)
-        self.stats = CacheStats(method, units=[UnitStats(u.name, u.kind) for u in plan.scope.units])
-        self.unit_flops: list[int] = [0] * len(plan.scope.units)
-        # counts[action][unit]: plain lists on the hot path, folded into stats when they are read.
-        self.counts: list[list[int]] = [[0] * len(plan.scope.units) for _ in Action]
-        self.row: list[Action] = []
-        self.row_info: StepInfo | None = None
-        self._table: list[list[Action]] = []
-        self._last_skip: list[int] = []
+        units = plan.scope.units
+        self.live = Live()
+        self.slots: tuple[Slot, ...] = tuple(Slot(u, self.live) for u in range(len(units)))
+        self.store = FeatureStore(plan.forecaster.history)
+        self.stats = CacheStats(method, units=[UnitStats(u.name, u.kind) for u in units], notes=dict(plan.notes))
+        self.current: CallRecord | None = None
+        self._records: list[CallRecord] = []
+        self._kept: list[tuple[str, int]] = [("", 0)] * len(units)  # (branch, step) of the output a KEEP hands in
+        self._unresolved: list[Entry] = []
+        self._table: list[list[Action]] | None = None
         self._table_key: tuple | None = None
-        self.policy_state = plan.policy.new_state() if plan.policy.dynamic else None
-        self._live: dict[int, tuple[tuple[int, int], Action]] = {}  # unit -> ((run, step), decision)
+        self._last_skip: list[int] = []
+        self._policy_state = plan.policy.new_state() if plan.policy.dynamic else None
+        self._live_decisions: dict[int, tuple[tuple[int, int], Action]] = {}
+        self._weights: dict[tuple[Combination, torch.device], torch.Tensor] = {}
+        self._unmeasured: dict[tuple, tuple[tuple, dict]] = {}  # input shapes -> a compiled call's arguments
+        self._pending_flops: list[CallRecord] = []  # finished calls whose shapes' FLOPs are not measured yet
+        self._unit_modules = [u.modules for u in units]
+        self._unit_key = tuple(u.name for u in units)
+        self._warned: set[int] = set()
         self._removers: list[Callable[[], None]] = []
-        self.tracker = StepTracker.attach(self.model, scheduler)
+        self.tracker = StepTracker.attach(self.model, source)
+        self.scheduler = self.tracker._schedulers[0] if self.tracker._schedulers else None
         self._removers.append(self.tracker.on_new_run(self._on_new_run))
+        self._removers.append(self.tracker.on_call(self._prepare))
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -62,78 +140,255 @@ class CacheRuntime:
             remove()
         self._removers.clear()
         self.store.clear()
+        self.live.active = False
         self.tracker.detach()
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
 
-    # ------------------------------------------------------------------ decisions
+    def __deepcopy__(self, memo: dict) -> Any:
+        from difcache.engine.steps import _NO_COPY
+
+        raise DifcacheError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        from difcache.engine.steps import _NO_COPY
+
+        raise DifcacheError(_NO_COPY)
+
+    # ------------------------------------------------------------------ before each call (eager)
     def _on_new_run(self) -> None:
+        self._collect()
         self.store.clear()
         self.stats.runs += 1
         self._table_key = None
-        self._live.clear()
+        self._live_decisions.clear()
+        self.live.active = False
+        for slot in self.slots:
+            slot.fresh = slot.peak = None
+            slot.entries = ()
         if self.plan.policy.dynamic:
-            self.policy_state = self.plan.policy.new_state()
+            self._policy_state = self.plan.policy.new_state()
 
-    def decide(self, info: StepInfo, unit: int, signal: Callable[[], torch.Tensor | None]) -> Action:
-        """The action for ``unit`` in this call: a table lookup for static policies; for dynamic ones, one
-        decision per step taken on the step's first call (sequential CFG branches follow it)."""
+    def _prepare(self, info: StepInfo) -> None:
+        """Arm every unit's slot for the announced call (see the module docstring)."""
+        self._collect()
+        step = info.step - info.start
+        actions = self._actions(info, step)
+        record = CallRecord(info, actions)
+        keep = self._keep_row(step, len(actions))
+        for unit, slot in enumerate(self.slots):
+            slot.fresh = None
+            action = actions[unit]
+            if action != Action.COMPUTE and self._arm_skip(slot, info.branch, step):
+                slot.mode = Mode.SKIP
+                continue
+            actions[unit] = Action.COMPUTE
+            if keep[unit]:
+                slot.mode = Mode.KEEP
+                self._kept[unit] = (info.branch, step)
+            else:
+                slot.mode = Mode.COMPUTE
+        self.live.active = True
+        self.current = record
+        self._records.append(record)
+
+    def _actions(self, info: StepInfo, step: int) -> list[int]:
         policy = self.plan.policy
-        if not policy.dynamic:
-            return (self.row if self.row_info is info else self.refresh_row(info))[unit]
-        key = (info.run, info.step)
-        cached = self._live.get(unit)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        action = policy.decide_live(self.policy_state, info, signal())
-        self._live[unit] = (key, action)
-        return action
+        n = len(self.slots)
+        if policy.dynamic:
+            key = (info.run, info.step)
+            return [d[1] if (d := self._live_decisions.get(u)) and d[0] == key else Action.COMPUTE for u in range(n)]
+        total = None if info.num_steps is None else info.num_steps - info.start
+        if total is None:
+            return [policy.decide(step, None, u) for u in range(n)]
+        table = self._table_for(info.run, total)
+        return list(table[step]) if step < len(table) else [Action.COMPUTE] * n
 
-    def refresh_row(self, info: StepInfo) -> list[Action]:
-        """The decisions of every unit for the call described by ``info`` (built once per call)."""
-        if self._table_key != (info.run, info.num_steps):
-            self._build_table(info)
-        if info.step < len(self._table):
-            self.row = self._table[info.step]
-        else:
-            self.row = [self.plan.policy.decide(info.step, info.num_steps, u) for u in range(len(self.counts[0]))]
-        self.row_info = info
-        return self.row
+    def _table_for(self, run: int, total: int) -> list[list[Action]]:
+        if self._table_key != (run, total):
+            self._table_key = (run, total)
+            self._table = schedule_table(self.plan.policy, total, len(self.slots))
+            self._last_skip = [
+                max((s for s in range(total) if self._table[s][u] != Action.COMPUTE), default=-1)
+                for u in range(len(self.slots))
+            ]
+            never = getattr(self.plan.policy, "never_skips", False)
+            if max(self._last_skip, default=0) < 0 and not never and total not in self._warned and total > 1:
+                self._warned.add(total)
+                warnings.warn(
+                    f"difcache {self.stats.method}: the schedule computes every unit at every step of this "
+                    f"{total}-step run, so nothing is cached (is the warm-up or the interval longer than the run?); "
+                    "lower `warmup`/`interval` or run more steps.",
+                    stacklevel=2,
+                )
+        return self._table  # type: ignore[return-value]
 
-    def sync_stats(self) -> CacheStats:
-        """Fold the hot-path counters into ``self.stats`` and return it."""
-        for stats, compute, reuse, forecast in zip(self.stats.units, *self.counts, strict=True):
-            stats.compute, stats.reuse, stats.forecast = compute, reuse, forecast
-        return self.stats
+    def _keep_row(self, step: int, n: int) -> list[bool]:
+        """Whether each unit's output computed at ``step`` can still be read by a later forecast in this run."""
+        if self.plan.policy.dynamic or self._table_key is None:
+            return [True] * n
+        return [step < last for last in self._last_skip]
 
-    def reset_stats(self) -> None:
-        self.counts = [[0] * len(self.counts[0]) for _ in Action]
-        self.stats = CacheStats(
-            self.stats.method, units=[UnitStats(u.name, u.kind, flops_share=u.flops_share) for u in self.stats.units]
-        )
+    def _arm_skip(self, slot: Slot, branch: str, step: int) -> bool:
+        """Fill ``slot`` for a forecast at ``step``; False when none is possible (the unit is computed instead)."""
+        unit = slot.unit
+        entries = self.store.entries(branch, unit)
+        if not entries:
+            return False
+        combination = self.plan.forecaster.combination(step, tuple(e.step for e in entries), unit)
+        if combination is None:
+            return False
+        used = entries[: len(combination.coefficients)]
+        peaks = [e.peak for e in used]
+        if not all(p is None or math.isfinite(p) for p in peaks):  # type: ignore[arg-type]
+            self.store.drop(branch, unit)
+            self.stats.units[unit].nonfinite_fallbacks += 1
+            return False
+        first = next((t for t in used[0].leaves if t is not None), None)
+        fp16 = first is not None and first.dtype == torch.float16
+        if fp16 and combination.peak_bound([p or 0.0 for p in peaks]) > _FP16_MAX:  # type: ignore[misc]
+            self.stats.units[unit].nonfinite_fallbacks += 1
+            return False
+        slot.entries = tuple(e.leaves for e in used)
+        slot.combination = combination
+        slot.weights = None if first is None else self._weights_tensor(combination, first.device)
+        return True
 
-    def needs_update(self, step: int, unit: int) -> bool:
-        """Whether the output computed at ``step`` can still be read by a later forecast in this run."""
-        return not self._table or step < self._last_skip[unit]
+    def _weights_tensor(self, combination: Combination, device: torch.device) -> torch.Tensor:
+        key = (combination, device)
+        tensor = self._weights.get(key)
+        if tensor is None:
+            if len(self._weights) >= _WEIGHTS_CACHE:
+                self._weights.clear()
+            tensor = self._weights[key] = combination.as_tensor(device)
+        return tensor
 
-    def _build_table(self, info: StepInfo) -> None:
-        self._table_key = (info.run, info.num_steps)
-        n_units = len(self.plan.scope.units)
-        if info.num_steps is None:
-            self._table, self._last_skip = [], [0] * n_units
+    # ------------------------------------------------------------------ the live decision (dynamic policies)
+    @torch.compiler.disable
+    def decide_live(self, slot: Slot, signal: Callable[[], torch.Tensor | None]) -> None:
+        """Take this step's decision for ``slot``'s unit from ``signal()`` (once per step) and arm the slot."""
+        info = self.tracker.info
+        record = self.current
+        if info is None or record is None or not self.live.active:
             return
-        policy = self.plan.policy
-        self._table = [[policy.decide(s, info.num_steps, u) for u in range(n_units)] for s in range(info.num_steps)]
-        self._last_skip = [
-            max((s for s in range(info.num_steps) if self._table[s][u] != Action.COMPUTE), default=-1)
-            for u in range(n_units)
-        ]
+        unit = slot.unit
+        key = (info.run, info.step)
+        decided = self._live_decisions.get(unit)
+        if decided is not None and decided[0] == key:
+            return  # an earlier call of this step decided; _prepare armed the slot from it
+        action = self.plan.policy.decide_live(self._policy_state, info, signal())
+        self._live_decisions[unit] = (key, action)
+        if action != Action.COMPUTE and self._arm_skip(slot, info.branch, info.step - info.start):
+            slot.mode = Mode.SKIP
+            record.actions[unit] = action
 
-    # ------------------------------------------------------------------ accounting
-    def on_flops_measured(self, total: int, per_unit: list[int]) -> None:
-        for stats, flops in zip(self.stats.units, per_unit, strict=True):
-            stats.flops_share = flops / total if total else 0.0
+    # ------------------------------------------------------------------ after calls
+    def measured_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run ``forward``; the first full call of each input shape runs under a FLOP counter (eager only)."""
+        record = self.current
+        if record is None or any(record.actions):
+            return forward(*args, **kwargs)
+        memo = _FLOPS_MEMO.setdefault(self.model, {})
+        key = (shape_key(args, kwargs), self._unit_key)
+        if key in memo:
+            return forward(*args, **kwargs)
+        output, total, per_unit = measure_flops(self._unit_modules, lambda: forward(*args, **kwargs))
+        memo[key] = (total, per_unit)
+        return output
 
-    def after_call(self) -> None:
+    def _collect(self) -> None:
+        """Store what KEEP calls handed in, read their peaks (one host read), fold finished calls into stats."""
+        for unit, slot in enumerate(self.slots):
+            if slot.fresh is not None:
+                branch, step = self._kept[unit]
+                entry = Entry(slot.fresh, step, slot.peak)
+                self.store.push(branch, unit, entry)
+                if isinstance(entry.peak, torch.Tensor):
+                    self._unresolved.append(entry)
+                slot.fresh = slot.peak = None
+        if self._unresolved:
+            _resolve_peaks(self._unresolved)
+            self._unresolved.clear()
+        if self._records:
+            self._fold(self._records)
+            self._records = [r for r in self._records if r is self.current and not r.done]
         nbytes = self.store.nbytes()
         self.stats.store_bytes = nbytes
         self.stats.peak_store_bytes = max(self.stats.peak_store_bytes, nbytes)
+        self.stats.steps_source = self.tracker.source
+
+    def _fold(self, records: list[CallRecord]) -> None:
+        memo = _FLOPS_MEMO.get(self.model, {})
+        for record in records:
+            if not record.done:
+                continue
+            self.stats.calls += 1
+            units = self.stats.units
+            for unit, action in enumerate(record.actions):
+                if action == Action.COMPUTE:
+                    units[unit].compute += 1
+                elif action == Action.REUSE:
+                    units[unit].reuse += 1
+                else:
+                    units[unit].forecast += 1
+            measured = memo.get((record.shape, self._unit_key))
+            if measured is None:
+                if record.call is not None:
+                    self._unmeasured.setdefault(record.shape, record.call)
+                self._pending_flops.append(record)
+                continue
+            self._count_flops(record, measured)
+            record.call = None
+
+    def _count_flops(self, record: CallRecord, measured: tuple[int, list[int]]) -> None:
+        total, per_unit = measured
+        self.stats.full_flops += total
+        self.stats.skipped_flops += sum(f for f, a in zip(per_unit, record.actions, strict=True) if a)
+        if all(u.flops_share == 0.0 for u in self.stats.units) and total:
+            for unit, flops in zip(self.stats.units, per_unit, strict=True):
+                unit.flops_share = flops / total
+
+    def sync_stats(self) -> CacheStats:
+        """Fold everything finished into ``self.stats`` (measuring compiled calls' FLOPs now) and return it."""
+        self._collect()
+        memo = _FLOPS_MEMO.setdefault(self.model, {})
+        for shape, (args, kwargs) in list(self._unmeasured.items()):
+            key = (shape, self._unit_key)
+            if key not in memo:
+                try:
+                    memo[key] = measure_flops_without_running(self.model, self._unit_modules, args, kwargs)
+                except Exception as err:  # noqa: BLE001  (the cache works; only the FLOP count is unavailable)
+                    warnings.warn(f"difcache could not count this model's FLOPs ({err}).", stacklevel=2)
+                    continue
+            del self._unmeasured[shape]
+        still = []
+        for record in self._pending_flops:
+            measured = memo.get((record.shape, self._unit_key))
+            if measured is None:
+                still.append(record)
+            else:
+                self._count_flops(record, measured)
+                record.call = None
+        self._pending_flops = still
+        self.stats.flops_measured = not still
+        return self.stats
+
+    def reset_stats(self) -> None:
+        self._collect()
+        self._pending_flops = []
+        self.stats = CacheStats(
+            self.stats.method,
+            units=[UnitStats(u.name, u.kind, flops_share=u.flops_share) for u in self.stats.units],
+            notes=self.stats.notes,
+            steps_source=self.stats.steps_source,
+        )
+
+
+def _resolve_peaks(entries: list[Entry]) -> None:
+    """Replace the entries' peak tensors by floats with one host read per device."""
+    by_device: dict[torch.device, list[Entry]] = {}
+    for entry in entries:
+        by_device.setdefault(entry.peak.device, []).append(entry)  # type: ignore[union-attr]
+    for group in by_device.values():
+        values = torch.stack([e.peak for e in group]).tolist()  # type: ignore[misc]
+        for entry, value in zip(group, values, strict=True):
+            entry.peak = value

@@ -37,6 +37,9 @@ class CacheStats:
     store_bytes: int = 0
     peak_store_bytes: int = 0
     units: list[UnitStats] = field(default_factory=list)
+    steps_source: str = ""  # where the last run's step indices came from (scheduler, cache_context, calls)
+    notes: dict[str, str] = field(default_factory=dict)  # what the method chose for this model (e.g. a preset)
+    flops_measured: bool = True  # False when no call could be measured (the ideal speedup is then unknown: 1.0)
 
     @property
     def ideal_speedup(self) -> float:
@@ -58,6 +61,8 @@ class CacheStats:
             "runs": self.runs,
             "ideal_speedup": self.ideal_speedup,
             "peak_store_bytes": self.peak_store_bytes,
+            "steps_source": self.steps_source,
+            "notes": dict(self.notes),
             **self.totals(),
             "units": [vars(u) for u in self.units],
         }
@@ -67,6 +72,7 @@ class CacheStats:
         lines = [
             f"difcache {self.method}: {self.calls} denoiser calls in {self.runs} run(s), "
             f"ideal speedup {self.ideal_speedup:.2f}x, feature store peak {self.peak_store_bytes / 2**20:.1f} MiB",
+            *(f"{key}: {value}" for key, value in {"steps from": self.steps_source, **self.notes}.items() if value),
             f"units: {totals['compute']} computed, {totals['reuse']} reused, {totals['forecast']} forecast"
             + (
                 f", {totals['nonfinite_fallbacks']} non-finite forecasts recomputed"

@@ -1,27 +1,47 @@
-"""Feature store: per (CFG branch, unit) forecaster state, reset when a run starts.
+"""Feature store: per (CFG branch, unit), the unit's last computed outputs, newest first, reset when a run starts.
 
-Sequential CFG (Wan) runs cond and uncond as separate denoiser calls whose features differ; each branch gets
-its own slot so one never forecasts from the other. Memory is bounded by construction (each forecaster keeps
-a fixed number of tensors per slot) and measured for the stats.
+Each entry is a unit output (its tensor leaves), the step it was computed at, and its *peak* (``max |x|``): a
+0-dim tensor when stored, replaced by a float once the engine has read it (once per step, outside any compiled
+graph), then used to refuse non-finite entries and forecasts that would overflow fp16. A forecaster keeps at
+most ``history`` entries per slot, so memory is bounded by construction; it is measured for the stats.
+
+Sequential CFG (Wan) runs cond and uncond as separate denoiser calls whose features differ; each branch gets its
+own entries so one never forecasts from the other. Entries hold the module outputs themselves, not copies:
+diffusers blocks never write into a sub-module's output in place (scopes that cannot promise this, the UNet's
+deep path and ComfyUI's blocks, store copies).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from difcache.forecasters.base import Forecaster
+import torch
+
+from difcache.core import Feature
+
+
+@dataclass
+class Entry:
+    leaves: Feature
+    step: int
+    peak: torch.Tensor | float | None
 
 
 class FeatureStore:
-    def __init__(self, forecaster: Forecaster) -> None:
-        self.forecaster = forecaster
-        self._slots: dict[tuple[str, int], Any] = {}
+    def __init__(self, history: int) -> None:
+        self.history = history
+        self._slots: dict[tuple[str, int], list[Entry]] = {}
 
-    def get(self, branch: str, unit: int) -> Any:
-        return self._slots.get((branch, unit))
+    def entries(self, branch: str, unit: int) -> list[Entry]:
+        return self._slots.get((branch, unit), [])
 
-    def put(self, branch: str, unit: int, state: Any) -> None:
-        self._slots[(branch, unit)] = state
+    def push(self, branch: str, unit: int, entry: Entry) -> None:
+        entries = self._slots.setdefault((branch, unit), [])
+        entries.insert(0, entry)
+        del entries[self.history :]
+
+    def drop(self, branch: str, unit: int) -> None:
+        self._slots.pop((branch, unit), None)
 
     def clear(self) -> None:
         self._slots.clear()
@@ -29,9 +49,10 @@ class FeatureStore:
     def nbytes(self) -> int:
         seen: set[int] = set()
         total = 0
-        for state in self._slots.values():
-            for t in self.forecaster.tensors(state):
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
+        for entries in self._slots.values():
+            for entry in entries:
+                for t in entry.leaves:
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        total += t.numel() * t.element_size()
         return total

@@ -1,9 +1,8 @@
-"""Forecasters: what a unit returns when it is not computed."""
+"""Forecasters: what a unit returns when it is not computed (weights over its stored outputs)."""
 
-from difcache.engine.actions import Action
-from difcache.forecasters.base import Feature, Forecaster
-from difcache.forecasters.reuse import ReuseForecaster
-from difcache.forecasters.taylor import TaylorForecaster, TaylorState
+from difcache.core import Action, Combination, Feature, Forecaster
+from difcache.forecasters.reuse import REUSE, ReuseForecaster
+from difcache.forecasters.taylor import TaylorForecaster, taylor_weights
 
 # The ``forecast`` setting of methods whose paper reuses and that offer a Taylor forecast as well (BAC, TeaCache).
 FORECASTS = ("reuse", "taylor")
@@ -19,10 +18,12 @@ def skipped_step(forecast: str, order: int = 1) -> tuple[Action, Forecaster]:
 
 __all__ = [
     "FORECASTS",
+    "REUSE",
+    "Combination",
     "Feature",
     "Forecaster",
     "ReuseForecaster",
     "TaylorForecaster",
-    "TaylorState",
     "skipped_step",
+    "taylor_weights",
 ]

@@ -13,8 +13,7 @@ linearisation is the model, so fitting it is ordinary least squares (:func:`fit_
 
 Granularity (not stated in the sources we could read; our choice): one scalar pair per step and per leaf
 (FLUX: one for the image stream, one for the text stream), pooled over every calibrated entry. Steps without
-coefficients (computed steps, or leaves the calibration did not see) fall back to plain reuse. Like
-:class:`~difcache.forecasters.reuse.ReuseForecaster` the state is the stored reference, not a copy.
+coefficients (computed steps, or leaves the calibration did not see) fall back to plain reuse.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from difcache.forecasters.base import Feature
+from difcache.core import Combination
+from difcache.forecasters.reuse import REUSE
 
 # coefficients[step][leaf] = (a, b), or None for plain reuse
 Coefficients = tuple[tuple[tuple[float, float] | None, ...] | None, ...]
@@ -57,26 +57,15 @@ class RectifiedForecaster:
     """Reuse with ``f̂ = (1 − a_step)·f̃ − b_step`` per leaf; ``coefficients`` indexed by step then leaf."""
 
     coefficients: Coefficients
+    history: int = 1
 
-    def update(self, state: Feature | None, step: int, value: Feature) -> Feature:
-        return value
-
-    def predict(self, state: Feature, step: int) -> Feature:
+    def combination(self, step: int, entry_steps: tuple[int, ...], unit: int) -> Combination:
         per_leaf = self.coefficients[step] if step < len(self.coefficients) else None
-        if per_leaf is None:
-            return state
-        out: Feature = []
-        for leaf, tensor in enumerate(state):
-            pair = per_leaf[leaf] if leaf < len(per_leaf) else None
-            if tensor is None or pair is None:
-                out.append(tensor)
-                continue
-            a, b = pair
-            out.append(torch.mul(tensor, 1.0 - a).sub_(b))
-        return out
-
-    def tensors(self, state: Feature) -> list[torch.Tensor]:
-        return [t for t in state if t is not None]
+        if per_leaf is None or all(pair is None for pair in per_leaf):
+            return REUSE
+        scale = tuple(1.0 if pair is None else 1.0 - pair[0] for pair in per_leaf)
+        bias = tuple(0.0 if pair is None else -pair[1] for pair in per_leaf)
+        return Combination((1.0,), scale, bias)
 
     @classmethod
     def from_lists(cls, coefficients: Sequence[Sequence[Sequence[float] | None] | None]) -> RectifiedForecaster:

@@ -11,46 +11,53 @@ official code (``taylor_utils.derivative_approximation``):
 * a higher factor is only formed when the previous state has the factor below it, so the order builds up
   one computed step at a time, and differences start at step ``warmup - 1`` (``step > first_enhance - 2``).
 
-Non-finite values: a state whose highest factor is not finite (checked once per computed step, by one
-reduction, a host synchronisation on GPUs that happens only on computed steps) predicts
-``None`` and the engine recomputes the unit; forecasts cast to fp16 are checked too (fp32/bf16 cannot
-overflow from finite factors at these step distances).
-
-Deviation: factors are kept in fp32 (diffusers' hook defaults to bf16, where differences of nearly equal
-activations are mostly rounding noise). The forecast is cast back to the unit's output dtype.
+Each factor is a linear combination of the last ``order + 1`` computed outputs, so the forecast is too: this
+forecaster runs the recursion on those combinations' weights (:func:`taylor_weights`, pure Python, cached) and
+the engine applies the weights to the stored outputs in fp32. The official code keeps the factors themselves
+(in the model's dtype); the values agree up to float rounding (tested against the recursion on tensors), with
+no difference pass on computed steps and the arithmetic in fp32 (deviation: diffusers' hook and the official
+code difference in bf16, where differences of nearly equal activations are mostly rounding noise).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import torch
-
-from difcache.forecasters.base import Feature
+from difcache.core import Combination
 
 
-@dataclass
-class TaylorState:
-    """Factors in folded form: ``factor_k = scales[k] * terms[k]`` (see :meth:`TaylorForecaster.update`)."""
+@functools.lru_cache(maxsize=8192)
+def taylor_weights(order: int, warmup: int, step: int, entry_steps: tuple[int, ...]) -> tuple[float, ...]:
+    """Weights on the stored outputs (newest first, computed at ``entry_steps``) of the official TaylorSeer
+    forecast of order ``order`` at ``step``; trailing zero weights are dropped."""
+    n = len(entry_steps)
 
-    step: int
-    terms: list[Feature]  # terms[k][leaf]
-    scales: list[float]
-    dtypes: list[torch.dtype | None]
-    finite: bool = True
+    @functools.cache
+    def factors(i: int) -> list[list[float]]:
+        # The state the official recursion holds after the computed step entry_steps[i], as weight vectors.
+        unit = [0.0] * n
+        unit[i] = 1.0
+        vectors = [unit]
+        if i + 1 < n and entry_steps[i] > warmup - 2:
+            distance = entry_steps[i] - entry_steps[i + 1]
+            previous = factors(i + 1)
+            for k in range(order):
+                if k >= len(previous) or distance <= 0:
+                    break
+                vectors.append([(a - b) / distance for a, b in zip(vectors[k], previous[k], strict=True)])
+        return vectors
 
-    @property
-    def factors(self) -> list[Feature]:
-        """The Taylor factors themselves (materialised; for inspection and tests, not the hot path)."""
-        return [[None if t is None else t * s for t in term] for term, s in zip(self.terms, self.scales, strict=True)]
-
-
-def _difference(new: torch.Tensor | None, old: torch.Tensor | None, ratio: float, out: torch.Tensor | None):
-    """``new - ratio * old``, written into ``out`` when given (it may be ``old`` itself: elementwise, in place)."""
-    if new is None:
-        return None
-    return new.sub(old, alpha=ratio) if out is None else torch.sub(new, old, alpha=ratio, out=out)
+    h = step - entry_steps[0]
+    weights = [0.0] * n
+    for k, vector in enumerate(factors(0)):
+        scale = h**k / math.factorial(k)
+        for j, value in enumerate(vector):
+            weights[j] += scale * value
+    while len(weights) > 1 and weights[-1] == 0.0:
+        weights.pop()
+    return tuple(weights)
 
 
 @dataclass(frozen=True)
@@ -58,61 +65,9 @@ class TaylorForecaster:
     order: int
     warmup: int = 0
 
-    def update(self, state: TaylorState | None, step: int, value: Feature) -> TaylorState:
-        """Store ``value`` (computed at ``step``) and the finite differences it completes.
+    @property
+    def history(self) -> int:
+        return self.order + 1
 
-        Speed: each factor is kept as an unscaled term and a Python scale, so a difference costs one
-        elementwise pass instead of two (subtract, then divide):
-
-            factor_{k+1} = (s_k' D_k' - s_k D_k) / d = (s_k' / d) * (D_k' - (s_k / s_k') D_k).
-
-        The values are the official recursion's up to float rounding (tested against it). ``state`` is
-        consumed: the new differences are written into its difference buffers (``D_k'`` overwrites ``D_k``,
-        the only place it is still read; ``D_1'`` takes the buffer of the highest term, which no new
-        difference reads), so a run at full order allocates nothing here (on CPU, fresh feature-sized tensors
-        every unit and step are fresh pages to fault in).
-        """
-        terms: list[Feature] = [[None if t is None else t.detach().float() for t in value]]
-        scales = [1.0]
-        if state is not None and step > self.warmup - 2:
-            distance = step - state.step
-            spare = state.terms[self.order] if len(state.terms) > self.order >= 1 else None
-            for k in range(self.order):
-                if k >= len(state.terms) or distance <= 0:
-                    break
-                ratio = state.scales[k] / scales[k]
-                # terms[0] of the old state is a module output (not ours to overwrite); the others are ours.
-                buffers = state.terms[k] if k > 0 else (spare or [None] * len(value))
-                terms.append(
-                    [_difference(n, o, ratio, b) for n, o, b in zip(terms[k], state.terms[k], buffers, strict=True)]
-                )
-                scales.append(scales[k] / distance)
-        dtypes = [None if t is None else t.dtype for t in value]
-        # One reduction instead of an elementwise pass: a sum is non-finite iff an entry is (or it overflows,
-        # which errs on the safe side: the unit is recomputed).
-        finite = all(math.isfinite(t.sum().item()) for t in terms[-1] if t is not None)
-        return TaylorState(step, terms, scales, dtypes, finite)
-
-    def predict(self, state: TaylorState, step: int) -> Feature | None:
-        if not state.finite:
-            return None
-        h = step - state.step
-        coefficients = [s * h**k / math.factorial(k) for k, s in enumerate(state.scales)]  # coefficients[0] = 1
-        out: Feature = []
-        for leaf, dtype in enumerate(state.dtypes):
-            if dtype is None:
-                out.append(None)
-                continue
-            acc = state.terms[0][leaf]
-            if len(state.terms) > 1:  # one fresh tensor, then accumulate in place: no temporaries per order
-                acc = torch.add(acc, state.terms[1][leaf], alpha=coefficients[1])
-                for k in range(2, len(state.terms)):
-                    acc.add_(state.terms[k][leaf], alpha=coefficients[k])
-            acc = acc.to(dtype)
-            if dtype == torch.float16 and not bool(torch.isfinite(acc).all()):
-                return None
-            out.append(acc)
-        return out
-
-    def tensors(self, state: TaylorState) -> list[torch.Tensor]:
-        return [t for term in state.terms for t in term if t is not None]
+    def combination(self, step: int, entry_steps: tuple[int, ...], unit: int) -> Combination:
+        return Combination(taylor_weights(self.order, self.warmup, step, entry_steps))

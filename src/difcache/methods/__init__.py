@@ -1,6 +1,19 @@
-"""Methods: one file each, a config with the paper's defaults and a registered ``build``."""
+"""Methods: one file each, a config with the paper's defaults and a registered ``build`` (scope + policy +
+forecaster); calibrated methods keep their calibrator beside it in ``<method>_calibration.py``."""
 
-from difcache.methods import always_compute, bac, deepcache, delta_dit, ertacache, fora, taylorseer, teacache  # noqa: F401  (registration)
+from difcache.methods import (  # noqa: F401  (registration)
+    always_compute,
+    bac,
+    bac_calibration,
+    deepcache,
+    delta_dit,
+    ertacache,
+    ertacache_calibration,
+    fora,
+    taylorseer,
+    teacache,
+    teacache_calibration,
+)
 from difcache.methods.always_compute import AlwaysComputeConfig
 from difcache.methods.bac import BACConfig
 from difcache.methods.deepcache import DeepCacheConfig
@@ -8,6 +21,7 @@ from difcache.methods.delta_dit import DeltaDiTConfig
 from difcache.methods.ertacache import ERTACacheConfig
 from difcache.methods.fora import FORAConfig
 from difcache.methods.registry import (
+    config_from_dict,
     list_methods,
     method_spec,
     register_calibrator,
@@ -26,6 +40,7 @@ __all__ = [
     "FORAConfig",
     "TaylorSeerConfig",
     "TeaCacheConfig",
+    "config_from_dict",
     "list_methods",
     "method_spec",
     "register_calibrator",

@@ -44,8 +44,8 @@ from typing import ClassVar
 from difcache.adapters.layout import Layout
 from difcache.adapters.unet import unet_skip_branches
 from difcache.config import CacheConfig, check_float, check_int
-from difcache.engine.plan import Plan
-from difcache.engine.unet_scope import SkipBranchScope
+from difcache.core import Plan
+from difcache.engine.scopes.skip_branch import SkipBranchScope
 from difcache.errors import DifcacheError
 from difcache.forecasters.reuse import ReuseForecaster
 from difcache.methods.registry import register_method

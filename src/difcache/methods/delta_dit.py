@@ -19,8 +19,8 @@ from typing import ClassVar
 
 from difcache.adapters.layout import Layout
 from difcache.config import CacheConfig, check_float, check_int
-from difcache.engine.plan import Plan
-from difcache.engine.range_scope import BlockRangeScope
+from difcache.core import Plan
+from difcache.engine.scopes.block_range import BlockRangeScope
 from difcache.errors import DifcacheError
 from difcache.forecasters.reuse import ReuseForecaster
 from difcache.methods.registry import register_method

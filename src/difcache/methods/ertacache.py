@@ -86,28 +86,20 @@ Usage::
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import torch
+from typing import Any, ClassVar
 
 from difcache.adapters.layout import Layout
-from difcache.calibration import CalibrationSession, subsample
-from difcache.config import CacheConfig, check_choice, check_float, check_int
-from difcache.engine.plan import Plan
-from difcache.engine.range_scope import BlockRangeScope, _Streams
+from difcache.config import CacheConfig, check_bool, check_choice, check_float, check_int, check_profile
+from difcache.core import Action, Plan
+from difcache.engine.scopes.block_range import BlockRangeScope
 from difcache.errors import DifcacheError
-from difcache.forecasters.rectified import RectifiedForecaster, fit_rectification, from_paper, to_paper
+from difcache.forecasters.rectified import RectifiedForecaster, from_paper
 from difcache.forecasters.reuse import ReuseForecaster
 from difcache.methods.ertacache_timesteps import TimestepAdjustment
-from difcache.methods.registry import register_calibrator, register_method
-from difcache.policies.step_set import StepSetSchedule
+from difcache.methods.registry import register_method
+from difcache.policies.table import TableSchedule
 from difcache.profile import Profile
-
-if TYPE_CHECKING:
-    pass
 
 MERGES = ("mean", "max")
 # Paper thresholds (Wan2.1-1.3B, FLUX at 30 steps, CogVideoX); other families use the generic default (ours).
@@ -116,10 +108,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "flux": {"threshold": 0.6},
     "cogvideox": {"threshold": 0.3},
 }
-
-# one calibration sample (a prompt and CFG branch): residual[step][leaf] (leaf 0 image stream, 1 text stream)
-Residuals = Sequence[Sequence[torch.Tensor | None]]
-
 
 @dataclass(frozen=True)
 class ERTACacheConfig(CacheConfig):
@@ -150,127 +138,25 @@ class ERTACacheConfig(CacheConfig):
     def __post_init__(self) -> None:
         check_float(self, "threshold", 0.0, lo_open=True)
         for name in ("rectify", "adjust_timesteps", "adjust_model_time"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ERTACacheConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+            check_bool(self, name)
         check_choice(self, "merge", MERGES)
         check_int(self, "warmup", 1, 1000)
         check_int(self, "cooldown", 1, 1000)
         check_int(self, "max_entries", 1)
+        check_profile(self)
 
     @classmethod
     def for_family(cls, family: str) -> ERTACacheConfig:
         return cls(**_PRESETS.get(family, {}))
 
 
-# ---------------------------------------------------------------------------------------------- calibration math
-def relative_l1(approx: torch.Tensor, true: torch.Tensor) -> float:
-    """``‖approx − true‖₁ / ‖true‖₁`` in float64 (``inf`` when ``true`` is zero and ``approx`` is not)."""
-    num = float((approx.double() - true.double()).abs().sum())
-    den = float(true.double().abs().sum())
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
-def select_reuse_steps(
-    samples: Sequence[Residuals], threshold: float, merge: str = "mean", warmup: int = 1, cooldown: int = 1
-) -> tuple[tuple[bool, ...], list[float | None]]:
-    """ERTACache's offline reuse set: the greedy walk described in the module docstring (part a).
-
-    Args:
-        samples: per calibration sample, the true residual of every step (``samples[k][step][leaf]``); the
-            error is measured on leaf 0.
-    Returns:
-        ``reuse[step]`` and the merged error of reusing the cached residual at each step that was tested
-        (``None`` for the forced warm-up and cool-down steps).
-    """
-    if not samples:
-        raise DifcacheError("ERTACache calibration recorded no residuals.")
-    num_steps = len(samples[0])
-    aggregate = max if merge == "max" else (lambda values: sum(values) / len(values))
-    reuse = [False] * num_steps
-    errors: list[float | None] = [None] * num_steps
-    cached = 0
-    for step in range(num_steps):
-        if step < warmup or step >= num_steps - cooldown:
-            cached = step
-            continue
-        error = aggregate([relative_l1(sample[cached][0], sample[step][0]) for sample in samples])
-        errors[step] = error
-        if error < threshold:
-            reuse[step] = True
-        else:
-            cached = step
-    return tuple(reuse), errors
-
-
-def last_computed(reuse: Sequence[bool]) -> list[int]:
-    """For each step, the step whose residual the cache holds then (itself when computed)."""
-    source, cached = [], 0
-    for step, reused in enumerate(reuse):
-        if not reused:
-            cached = step
-        source.append(cached)
-    return source
-
-
-def fit_coefficients(
-    samples: Sequence[Residuals], reuse: Sequence[bool]
-) -> list[list[tuple[float, float] | None] | None]:
-    """Per reused step and leaf, the closed-form ``(a, b)`` of ``r̃ − r ≈ a·r̃ + b`` pooled over samples (part c)."""
-    source = last_computed(reuse)
-    coefficients: list[list[tuple[float, float] | None] | None] = []
-    for step, reused in enumerate(reuse):
-        if not reused:
-            coefficients.append(None)
-            continue
-        per_leaf: list[tuple[float, float] | None] = []
-        for leaf in range(len(samples[0][step])):
-            pairs = [(s[source[step]][leaf], s[step][leaf]) for s in samples]
-            if any(c is None or t is None or c.shape != t.shape for c, t in pairs):
-                per_leaf.append(None)
-                continue
-            cached = torch.cat([c.reshape(-1) for c, _ in pairs])
-            true = torch.cat([t.reshape(-1) for _, t in pairs])
-            per_leaf.append(fit_rectification(cached, true))
-        coefficients.append(per_leaf)
-    return coefficients
-
-
-def step_factors(
-    samples: Sequence[Residuals],
-    reuse: Sequence[bool],
-    coefficients: Sequence[Sequence[tuple[float, float] | None] | None],
-) -> list[float]:
-    """φ per step (part b): 1 on computed steps; on a reused step the mean over samples of
-    ``clip(1 − ‖r̂_i − r_i‖₁ / ‖r_i − r_{i−1}‖₁, 0, 1)``, with ``r̂_i`` the feature the cache returns."""
-    forecaster = RectifiedForecaster.from_lists(coefficients)
-    source = last_computed(reuse)
-    phi = []
-    for step, reused in enumerate(reuse):
-        if not reused or step == 0:
-            phi.append(1.0)
-            continue
-        values = []
-        for sample in samples:
-            (returned,) = forecaster.predict([sample[source[step]][0]], step)[:1]
-            true, previous = sample[step][0], sample[step - 1][0]
-            num = float((returned.double() - true.double()).abs().sum())
-            den = float((true.double() - previous.double()).abs().sum())
-            ratio = (0.0 if num == 0.0 else math.inf) if den == 0.0 else num / den
-            values.append(min(max(1.0 - ratio, 0.0), 1.0))
-        phi.append(sum(values) / len(values))
-    return phi
-
-
-# ---------------------------------------------------------------------------------------------- build / calibrate
 def _scope(layout: Layout) -> BlockRangeScope:
     if layout.is_unet:
         raise DifcacheError("ERTACache caches a transformer block stack; for UNets use method='deepcache'.")
     return BlockRangeScope(layout, [(0, len(layout.blocks) - 1)])
 
 
-def _read_profile(config: ERTACacheConfig, layout: Layout) -> tuple[tuple[bool, ...], list, list[float]]:
+def _read_profile(config: ERTACacheConfig, layout: Layout) -> tuple[Profile, tuple[bool, ...], list, list[float]]:
     """The reuse set, per-step ``(a, b)`` per leaf and φ from a profile, with errors that name the bad field."""
     if config.profile is None:
         raise DifcacheError(
@@ -279,110 +165,34 @@ def _read_profile(config: ERTACacheConfig, layout: Layout) -> tuple[tuple[bool, 
         )
     profile = Profile.load(config.profile)
     profile.check("ertacache", type(layout.model).__name__, layout.fingerprint)
-    data, steps = profile.data, profile.num_steps
-
-    def bad(name: str, why: str) -> DifcacheError:
-        return DifcacheError(f"ERTACache profile: field `data.{name}` {why}; recalibrate with difcache.calibrate.")
-
-    for name in ("reuse_steps", "K", "B", "phi", "phi_reuse"):
-        if not isinstance(data.get(name), list):
-            raise bad(name, "is missing or not a list")
-    reuse_steps = data["reuse_steps"]
-    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < steps - 1 for s in reuse_steps):
-        raise bad("reuse_steps", f"must hold step indices in [1, {steps - 2}] (first and last steps are computed)")
-    reuse = tuple(s in set(reuse_steps) for s in range(steps))
-    for name in ("K", "B", "phi", "phi_reuse"):
-        if len(data[name]) != steps:
-            raise bad(name, f"has {len(data[name])} entries for a {steps}-step profile")
-    phi = data["phi"] if config.rectify else data["phi_reuse"]
-    if not all(_finite(p) and 0.0 <= p <= 1.0 for p in phi):
-        raise bad("phi" if config.rectify else "phi_reuse", "must hold numbers in [0, 1]")
+    steps = profile.num_steps
+    reuse_steps = set(profile.ints("reuse_steps", 1, steps - 2))  # first and last steps are always computed
+    reuse = tuple(s in reuse_steps for s in range(steps))
+    phi_name = "phi" if config.rectify else "phi_reuse"
+    phi = profile.numbers(phi_name, length=steps, lo=0.0, hi=1.0)
+    ks, bs = profile.value("K"), profile.value("B")
+    if not isinstance(ks, list) or not isinstance(bs, list) or len(ks) != steps or len(bs) != steps:
+        raise profile.bad("K", f"and `data.B` must be lists of {steps} entries (one per step)")
     coefficients: list = []
-    for step, (ks, bs) in enumerate(zip(data["K"], data["B"], strict=True)):
-        if ks is None and bs is None:
+    for step, (k, b) in enumerate(zip(ks, bs, strict=True)):
+        if k is None and b is None:
             coefficients.append(None)
             continue
-        if not isinstance(ks, list) or not isinstance(bs, list) or len(ks) != len(bs):
-            raise bad("K", f"and `data.B` at step {step} must be lists of equal length (one per stream) or null")
-        leaves = []
-        for k, b in zip(ks, bs, strict=True):
-            if k is None or b is None:
-                leaves.append(None)
-            elif _finite(k) and _finite(b):
-                leaves.append(from_paper(k, b))
-            else:
-                raise bad("K", f"and `data.B` at step {step} must be finite numbers or null")
-        coefficients.append(leaves)
-    return reuse, coefficients, [float(p) for p in phi]
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not isinstance(k, list) or not isinstance(b, list) or len(k) != len(b):
+            raise profile.bad("K", f"and `data.B` at step {step} must be lists of equal length (one per stream)")
+        pairs = zip(profile._numbers(f"K[{step}]", k, None, None, None, True),
+                    profile._numbers(f"B[{step}]", b, None, None, None, True), strict=True)  # fmt: skip
+        coefficients.append([None if p is None or q is None else from_paper(p, q) for p, q in pairs])
+    return profile, reuse, coefficients, phi  # type: ignore[return-value]
 
 
 @register_method(ERTACacheConfig, "ERTACache: calibrated reuse set, rectified stack residual, adjusted Euler steps")
 def build(config: ERTACacheConfig, layout: Layout) -> Plan:
     scope = _scope(layout)
-    reuse, coefficients, phi = _read_profile(config, layout)
+    profile, reuse, coefficients, phi = _read_profile(config, layout)
     forecaster = RectifiedForecaster.from_lists(coefficients) if config.rectify else ReuseForecaster()
     extras = (
         (TimestepAdjustment(reuse, tuple(phi), config.adjust_model_time).install,) if config.adjust_timesteps else ()
     )
-    return Plan(scope, StepSetSchedule(reuse), forecaster, extras)
-
-
-@register_calibrator(ERTACacheConfig)
-def calibrate(config: ERTACacheConfig, layout: Layout, session: CalibrationSession, call_kwargs: list) -> dict:
-    """Record the true stack residual of every step, then select the reuse set, fit (K, B) and φ."""
-    scope = _scope(layout)
-    head, tail = scope.units[0].modules[0], scope.units[0].modules[-1]
-    head_streams, tail_streams = _Streams.of(head), _Streams.of(tail)
-    inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    records: dict[tuple, dict[int, list[torch.Tensor | None]]] = {}
-
-    def on_head(info: Any, args: tuple, kwargs: dict) -> None:
-        bound = head_streams.bind(args, kwargs)
-        encoder = bound.get(head_streams.encoder_arg) if head_streams.encoder_arg else None
-        inputs[(session.call_index, info.branch)] = (bound[head_streams.hidden_arg], encoder)
-
-    def on_tail(info: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        key = (session.call_index, info.branch)
-        (in_hidden, in_encoder), (out_hidden, out_encoder) = inputs.pop(key), tail_streams.outputs(output)
-        leaves = [subsample(out_hidden.float() - in_hidden.float(), config.max_entries), None]
-        if out_encoder is not None and in_encoder is not None and out_encoder.shape == in_encoder.shape:
-            leaves[1] = subsample(out_encoder.float() - in_encoder.float(), config.max_entries)
-        records.setdefault(key, {})[info.step] = leaves
-
-    session.probe_inputs(head, on_head)
-    session.probe(tail, on_tail)
-    session.run(call_kwargs, desc="ertacache calibration")
-    num_steps = session.num_steps
-    samples = []
-    for key in sorted(records):
-        missing = [s for s in range(num_steps) if s not in records[key]]
-        if missing:
-            raise DifcacheError(
-                f"ERTACache calibration: call {key[0]} (branch {key[1]!r}) ran no denoiser at steps {missing[:5]}; "
-                f"calibrate full {num_steps}-step runs (no img2img strength)."
-            )
-        samples.append([records[key][s] for s in range(num_steps)])
-    if num_steps < 3:
-        raise DifcacheError(
-            f"ERTACache needs at least 3 steps to reuse any (first and last are computed); got {num_steps}."
-        )
-    reuse, errors = select_reuse_steps(samples, config.threshold, config.merge, config.warmup, config.cooldown)
-    coefficients = fit_coefficients(samples, reuse)
-    plain = [None if c is None else [None] * len(c) for c in coefficients]
-    paper = [None if c is None else [None if p is None else to_paper(*p) for p in c] for c in coefficients]
-    return {
-        "threshold": config.threshold,
-        "merge": config.merge,
-        "reuse_steps": [s for s, r in enumerate(reuse) if r],
-        "rel_l1": errors,
-        "K": [None if c is None else [None if p is None else p[0] for p in c] for c in paper],
-        "B": [None if c is None else [None if p is None else p[1] for p in c] for c in paper],
-        "phi": step_factors(samples, reuse, coefficients),
-        "phi_reuse": step_factors(samples, reuse, plain),
-        "samples": len(samples),
-        "entries": config.max_entries,
-    }
+    policy = TableSchedule.from_skips(reuse, Action.REUSE, ("ERTACache reuse set", profile.remedy))
+    return Plan(scope, policy, forecaster, extras)

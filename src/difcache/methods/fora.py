@@ -15,8 +15,8 @@ from typing import ClassVar
 
 from difcache.adapters.layout import Layout
 from difcache.config import CacheConfig, check_int
-from difcache.engine.plan import Plan
-from difcache.engine.scopes import ModuleScope
+from difcache.core import Plan
+from difcache.engine.scopes.module import ModuleScope
 from difcache.forecasters.reuse import ReuseForecaster
 from difcache.methods.registry import register_method
 from difcache.policies.interval import FORASchedule

@@ -12,7 +12,7 @@ from typing import Any
 
 from difcache.adapters.layout import Layout
 from difcache.config import CacheConfig
-from difcache.engine.plan import Plan
+from difcache.core import Plan
 from difcache.errors import DifcacheError
 
 BuildFn = Callable[[Any, Layout], Plan]
@@ -53,6 +53,13 @@ def register_calibrator(config_cls: type[CacheConfig]) -> Callable[[CalibrateFn]
     return decorate
 
 
+def config_from_dict(raw: dict[str, Any]) -> CacheConfig:
+    """The config :meth:`CacheConfig.to_dict` wrote (its ``method`` picks the class; the version is checked)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("method"), str):
+        raise DifcacheError(f"A config dict needs a `method` name, got {raw!r}.")
+    return method_spec(raw["method"]).config_cls.from_dict(raw)
+
+
 def list_methods() -> dict[str, str]:
     """Registered method names and one-line descriptions."""
     return {name: spec.description for name, spec in sorted(_METHODS.items())}
@@ -66,13 +73,17 @@ def method_spec(name_or_config: str | CacheConfig) -> MethodSpec:
     return spec
 
 
-def resolve_config(method_or_config: str | CacheConfig, family: str, overrides: dict[str, Any]) -> CacheConfig:
-    """A validated config: the family's preset for a method name, or the given config, with ``overrides``."""
+def resolve_config(
+    method_or_config: str | CacheConfig, model: Layout | str, overrides: dict[str, Any]
+) -> CacheConfig:
+    """A validated config: the defaults for a method name on ``model`` (a layout, or a family name), or the given
+    config, with ``overrides``."""
     if isinstance(method_or_config, CacheConfig):
         config = method_or_config
         method_spec(config)  # an unregistered config class is an error, not a silent no-op
     elif isinstance(method_or_config, str):
-        config = method_spec(method_or_config).config_cls.for_family(family)
+        config_cls = method_spec(method_or_config).config_cls
+        config = config_cls.for_family(model) if isinstance(model, str) else config_cls.for_layout(model)
     else:
         raise DifcacheError(
             f"apply_cache expects a method name or a config, got {type(method_or_config).__name__}; "

@@ -29,10 +29,9 @@ from typing import ClassVar
 
 from difcache.adapters.layout import Layout
 from difcache.config import CacheConfig, check_bool, check_int
-from difcache.engine.actions import Action
-from difcache.engine.plan import Plan
-from difcache.engine.range_scope import BlockRangeScope
-from difcache.engine.scopes import ModuleScope
+from difcache.core import Action, Plan
+from difcache.engine.scopes.block_range import BlockRangeScope
+from difcache.engine.scopes.module import ModuleScope
 from difcache.errors import DifcacheError
 from difcache.forecasters.taylor import TaylorForecaster
 from difcache.methods.registry import register_method

@@ -35,23 +35,18 @@ paper's decoder layers have no such unit (our extension).
 
 **Last step.** The official wrapper adds step 99 (of DDPM's 100) to every unit's set after the DP and the
 union, so the final denoising step is computed fresh: a unit computes up to ``M + 1`` times before the union.
-:class:`BACSchedule` does the same for the last step of any step count (``force_last``).
+:func:`difcache.methods.bac.schedule` does the same for the last step of any step count (``force_last``); the result
+runs as a :class:`~difcache.policies.table.TableSchedule`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from difcache.engine.actions import Action
 from difcache.errors import DifcacheError
-
-if TYPE_CHECKING:
-    from difcache.profile import Profile
 
 METRICS = ("cosine", "l1", "mse")
 MINIMISED = frozenset({"l1", "mse"})  # distances: smaller is better
@@ -201,35 +196,3 @@ def bubbling_union(
             if blocks[v] >= blocks[u]:
                 result[u] |= set(update_steps[v])
     return [tuple(sorted(steps)) for steps in result]
-
-
-# ---------------------------------------------------------------------------------------------- the policy
-@dataclass(frozen=True)
-class BACSchedule:
-    """Compute a unit at its update steps, ``skip_action`` elsewhere; a table lookup.
-
-    Args:
-        update_steps: per unit, the steps at which it is computed (the DP's, the union's and the forced last step).
-        num_steps: the step count the schedule was made for; another count raises (step ``i`` of a 30-step run
-            is not step ``i`` of a 50-step run).
-        skip_action: REUSE (reuse forecast) or FORECAST (Taylor forecast).
-        profile: the calibration profile, whose ``check_steps`` words the step-count error.
-    """
-
-    update_steps: tuple[frozenset[int], ...]
-    num_steps: int
-    skip_action: Action = Action.REUSE
-    profile: Profile | None = None
-    dynamic: ClassVar[bool] = False
-
-    def decide(self, step: int, num_steps: int | None, unit: int) -> Action:
-        if num_steps is not None and num_steps != self.num_steps:
-            if self.profile is not None:
-                self.profile.check_steps(num_steps)
-            raise DifcacheError(
-                f"This BAC schedule was made for {self.num_steps} steps, but the pipeline runs {num_steps}; call "
-                f"the pipeline with num_inference_steps={self.num_steps} or recalibrate."
-            )
-        if step >= self.num_steps:  # unknown step count (bare module) running past the schedule: compute
-            return Action.COMPUTE
-        return Action.COMPUTE if step in self.update_steps[unit] else self.skip_action

@@ -1,37 +1,21 @@
 """Policies decide, per step and unit, whether to compute, reuse or forecast.
 
-A *static* policy is a pure function of (step, number of steps, unit): the engine turns it into a table of
-Python ints when a run starts, so per-step decisions read no tensors, need no host-device synchronisation and
-are identical on every rank. A *dynamic* policy (TeaCache, first-block) reads live tensors and must say so.
+A *static* policy (:class:`~difcache.core.StaticPolicy`) is a pure function of (step, number of steps, unit): the
+engine turns it into a table with :func:`schedule_table` when a run starts, so per-step decisions read no
+tensors, need no host-device synchronisation and are identical on every rank. A *dynamic* policy
+(:class:`~difcache.core.DynamicPolicy`: TeaCache, first-block) reads a live signal once per step and says so.
+Steps are counted from the run's first step (img2img runs start part-way through the schedule).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from difcache.core import Action, DynamicPolicy, StaticPolicy
 
-from difcache.engine.actions import Action
-
-
-class StaticPolicy(Protocol):
-    """A schedule known before the run starts."""
-
-    dynamic: ClassVar[bool]
-
-    def decide(self, step: int, num_steps: int | None, unit: int) -> Action: ...
-
-
-class DynamicPolicy(Protocol):
-    """A rule that reads a live signal once per step; it keeps per-run state created by ``new_state``."""
-
-    dynamic: ClassVar[bool]
-
-    def new_state(self) -> Any: ...
-
-    def decide_live(self, state: Any, info: Any, signal: Any) -> Action: ...
+__all__ = ["DynamicPolicy", "StaticPolicy", "schedule_string", "schedule_table"]
 
 
 def schedule_table(policy: StaticPolicy, num_steps: int, num_units: int) -> list[list[Action]]:
-    """The policy's decisions as ``table[step][unit]``."""
+    """The policy's decisions as ``table[step][unit]`` (what the engine executes)."""
     return [[policy.decide(s, num_steps, u) for u in range(num_units)] for s in range(num_steps)]
 
 

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from difcache.engine.actions import Action
+from difcache.core import Action
 from difcache.errors import DifcacheError
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from difcache.engine.actions import Action
+from difcache.core import Action
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class AlwaysCompute:
     """Every unit computed every step: measures the engine's own overhead (hooks, bookkeeping)."""
 
     dynamic: ClassVar[bool] = False
+    never_skips: ClassVar[bool] = True  # by design: no "nothing is cached" warning
 
     def decide(self, step: int, num_steps: int | None, unit: int) -> Action:
         return Action.COMPUTE

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from difcache.engine.actions import Action
+from difcache.core import Action
 
 FRONT, REAR = 0, 1
 

@@ -21,9 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from difcache.engine.actions import Action
+from difcache.core import Action, StepInfo
 from difcache.engine.distributed import global_sums
-from difcache.engine.steps import StepInfo
 
 
 @dataclass

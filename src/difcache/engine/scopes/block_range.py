@@ -10,26 +10,24 @@ works, including blocks that mix both streams (FLUX, SD3, HunyuanVideo, CogVideo
 Residuals are differences, so they are kept in fp32 and added in fp32 before casting back.
 
 A *signal* (TeaCache's modulated-input change, first-block residual) is computed by the range's first block
-hook from that block's inputs, once per step, and handed to a dynamic policy.
+hook from that block's inputs and handed to the runtime's live decision (dynamic policies only), which arms the
+range's slot before the rest of the range runs.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 from diffusers.hooks._helpers import TransformerBlockRegistry
 
 from difcache.adapters.layout import Layout, Unit
-from difcache.engine.hooks import register
+from difcache.core import Mode, Slot, UnitRuntime
+from difcache.engine.hooks import ForwardHook, register
 from difcache.errors import DifcacheError
-
-if TYPE_CHECKING:
-    from difcache.engine.runtime import CacheRuntime
 
 RANGE_HOOK = "difcache_range"
 
@@ -38,7 +36,7 @@ SignalFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
 
 
 @dataclass
-class _Streams:
+class Streams:
     """How one block class takes and returns its streams."""
 
     params: list[str]
@@ -48,7 +46,7 @@ class _Streams:
     encoder_out: int | None
 
     @classmethod
-    def of(cls, block: torch.nn.Module) -> _Streams:
+    def of(cls, block: torch.nn.Module) -> Streams:
         try:
             meta = TransformerBlockRegistry.get(type(block))
         except ValueError:
@@ -87,10 +85,8 @@ class _Streams:
 
 @dataclass
 class _RangeCall:
-    """Per-call state shared by the hooks of one range."""
+    """Per-call state shared by the hooks of one range: the streams entering its first block."""
 
-    skip: bool = False
-    residual: list[torch.Tensor | None] = field(default_factory=list)
     inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
 
@@ -110,73 +106,64 @@ class BlockRangeScope:
         self.ranges = tuple(ranges)
         self.signal = signal
 
-    def install(self, runtime: CacheRuntime) -> list[Callable[[], None]]:
+    def install(self, runtime: UnitRuntime) -> list[Callable[[], None]]:
         removers = []
         for index, unit in enumerate(self.units):
             shared = _RangeCall()
             last = len(unit.modules) - 1
             for position, block in enumerate(unit.modules):
-                hook = _RangeBlockHook(runtime, index, shared, _Streams.of(block), position == 0, position == last)
-                hook.signal = self.signal if position == 0 else None
+                head = position == 0
+                signal = self.signal if head else None
+                hook = RangeBlockHook(runtime, runtime.slots[index], shared, Streams.of(block), head, position == last,
+                                      signal)  # fmt: skip
                 removers.append(register(block, hook, f"{RANGE_HOOK}_{index}"))
         return removers
 
 
-class _RangeBlockHook(ModelHook):
+class RangeBlockHook(ForwardHook):
+    """One block of a range: passes its input through on skipped calls (the last adds the residual)."""
+
     def __init__(
-        self, runtime: CacheRuntime, unit: int, shared: _RangeCall, streams: _Streams, head: bool, tail: bool
+        self,
+        runtime: UnitRuntime,
+        slot: Slot,
+        shared: _RangeCall,
+        streams: Streams,
+        head: bool,
+        tail: bool,
+        signal: SignalFn | None = None,
     ) -> None:
         super().__init__()
-        self.runtime, self.unit, self.shared, self.streams = runtime, unit, shared, streams
-        self.head, self.tail = head, tail
-        self.signal: SignalFn | None = None
+        self.runtime, self.slot, self.shared, self.streams = runtime, slot, shared, streams
+        self.head, self.tail, self.signal = head, tail, signal
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        rt, shared, streams = self.runtime, self.shared, self.streams
-        info = rt.tracker.info
-        if info is None:
+        slot, shared, streams = self.slot, self.shared, self.streams
+        if not slot.live.active:
             return self.fn_ref.original_forward(*args, **kwargs)
         bound = streams.bind(args, kwargs)
         hidden = bound[streams.hidden_arg]
         encoder = bound.get(streams.encoder_arg) if streams.encoder_arg else None
         if self.head:
-            self._decide(module, info, bound, hidden, encoder)
-        if shared.skip:
+            if self.signal is not None:
+                signal = self.signal
+                self.runtime.decide_live(slot, lambda: signal(module, bound))
+            shared.inputs = (hidden, encoder)
+        if slot.mode == Mode.SKIP:
             if not self.tail:
                 return streams.pack(hidden, encoder)
-            r_hidden, r_encoder = shared.residual
+            r_hidden, r_encoder = slot.forecast()
             new_hidden = (hidden.float() + r_hidden).to(hidden.dtype)
             new_encoder = encoder
             if encoder is not None and r_encoder is not None:
                 new_encoder = (encoder.float() + r_encoder).to(encoder.dtype)
             return streams.pack(new_hidden, new_encoder)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.tail and rt.needs_update(info.step, self.unit):
+        if self.tail and slot.mode == Mode.KEEP:
             out_hidden, out_encoder = streams.outputs(output)
             in_hidden, in_encoder = shared.inputs
             residual: list[torch.Tensor | None] = [out_hidden.float() - in_hidden.float(), None]
             if out_encoder is not None and in_encoder is not None and out_encoder.shape == in_encoder.shape:
                 residual[1] = out_encoder.float() - in_encoder.float()
-            previous = rt.store.get(info.branch, self.unit)
-            rt.store.put(info.branch, self.unit, rt.plan.forecaster.update(previous, info.step, residual))
-        if self.tail:
-            shared.inputs = (None, None)
+            slot.keep(residual)
         return output
-
-    def _decide(self, module: torch.nn.Module, info: Any, bound: dict, hidden: Any, encoder: Any) -> None:
-        rt, shared = self.runtime, self.shared
-        signal_fn = self.signal
-        action = rt.decide(info, self.unit, lambda: signal_fn(module, bound) if signal_fn is not None else None)
-        shared.skip = False
-        shared.inputs = (hidden, encoder)
-        if action:
-            state = rt.store.get(info.branch, self.unit)
-            residual = rt.plan.forecaster.predict(state, info.step) if state is not None else None
-            if residual is not None:
-                shared.skip, shared.residual = True, residual
-                rt.counts[action][self.unit] += 1
-                rt.stats.skipped_flops += rt.unit_flops[self.unit]
-                return
-            if state is not None:
-                rt.stats.units[self.unit].nonfinite_fallbacks += 1
-        rt.counts[0][self.unit] += 1
