@@ -9,10 +9,10 @@ pieces every caching method is made of, gathered in a :class:`Plan`.
   differ only in the weights, so the feature store and the hooks need no per-forecaster code.
 
 Hooks talk to the engine through one small object per unit, the :class:`Slot`: the engine fills it *before*
-each denoiser call (outside any compiled graph) with the unit's mode for the call and, on skipped calls, the
-stored outputs and weights to combine; the hook reads it and, when asked to keep its output, writes
-``slot.fresh``. Nothing in a hook reads a step index, a counter or a tensor value, which is what lets
-``torch.compile`` trace a cached model without graph breaks and with one graph per *kind* of step.
+each denoiser call (outside any compiled graph) with whether the unit is skipped and, if so, the stored outputs
+and weights to combine; otherwise the hook runs the unit and hands its output in (``slot.keep``). Nothing in a
+hook reads a step index, a counter or a tensor value, which is what lets ``torch.compile`` trace a cached model
+without graph breaks and with one graph per *kind* of step (skipped or computed, per unit).
 
 This module depends on nothing else in difcache; everything else may depend on it.
 """
@@ -35,20 +35,6 @@ class Action(enum.IntEnum):
     COMPUTE = 0
     REUSE = 1
     FORECAST = 2
-
-
-class Mode(enum.IntEnum):
-    """What a unit's hook does in the current call (set by the engine before the call).
-
-    PASS: the call is not part of a tracked step (run the module as if uncached). COMPUTE: run it. KEEP: run it
-    and hand its output to the engine (``slot.fresh``), because a later step will forecast from it. SKIP: do not
-    run it; return ``combine(slot.entries, slot.combination)``.
-    """
-
-    PASS = 0
-    COMPUTE = 1
-    KEEP = 2
-    SKIP = 3
 
 
 @dataclass(frozen=True)
@@ -107,44 +93,59 @@ class Combination:
         return total
 
 
-def combine(entries: Sequence[Feature], combination: Combination, weights: torch.Tensor | None = None) -> Feature:
-    """Apply ``combination`` to ``entries`` (newest first), leaf by leaf, accumulating in fp32.
+def combine(entries: Sequence[Feature], combination: Combination) -> Feature:
+    """Apply ``combination`` to ``entries`` (newest first), leaf by leaf, accumulating in fp32 (fp64 for fp64).
 
-    ``weights`` is :meth:`Combination.as_tensor`: under ``torch.compile`` the weights are read from it, so a
-    new step's weights are new data for the same graph rather than new constants for a new graph. Eager calls
-    use the Python floats, which lets reuse return the stored tensors themselves and skips zero weights.
+    Reuse returns the stored tensors themselves; zero weights are skipped. Compiled graphs use
+    :func:`combine_weights` instead, which reads the weights as data.
     """
     coefficients = combination.coefficients
-    if weights is None and combination.is_reuse:
+    if combination.is_reuse:
         return list(entries[0])
-    compiled = weights is not None and torch.compiler.is_compiling()
-    k, leaves = len(coefficients), len(entries[0])
     out: Feature = []
-    for leaf in range(leaves):
-        first = entries[0][leaf]
+    for leaf, first in enumerate(entries[0]):
         if first is None:
             out.append(None)
             continue
-        wide = torch.promote_types(first.dtype, torch.float32)  # fp32, or fp64 for fp64 features
+        wide = torch.promote_types(first.dtype, torch.float32)
         acc: torch.Tensor | None = None
-        for j in range(k):
-            c = weights[j] if compiled else coefficients[j]
-            term = entries[j][leaf]
-            if compiled:
-                acc = term.to(wide) * c if acc is None else acc + term.to(wide) * c
-            elif c == 0.0:
+        for c, entry in zip(coefficients, entries, strict=False):
+            if c == 0.0:
                 continue
-            elif acc is None:  # a fresh tensor of our own, then accumulated in place
+            term = entry[leaf]
+            if acc is None:  # a fresh tensor of our own, then accumulated in place
                 acc = torch.mul(term, c) if term.dtype == wide else term.to(wide).mul_(c)
             else:
                 acc.add_(term, alpha=c)
         if acc is None:
             acc = torch.zeros_like(first, dtype=wide)
         if combination.scale is not None:
-            acc = acc * weights[k + leaf] if compiled else acc.mul_(combination.scale[leaf])
+            acc.mul_(combination.scale[leaf])
         if combination.bias is not None:
-            offset = k + (leaves if combination.scale is not None else 0)
-            acc = acc + weights[offset + leaf] if compiled else acc.add_(combination.bias[leaf])
+            acc.add_(combination.bias[leaf])
+        out.append(acc.to(first.dtype))
+    return out
+
+
+def combine_weights(entries: Sequence[Feature], weights: torch.Tensor, affine: tuple[bool, bool]) -> Feature:
+    """:func:`combine` with the weights as a tensor (:meth:`Combination.as_tensor`) and ``affine`` = (has scale,
+    has bias): what compiled graphs run, so a new step's weights are new data for the same graph rather than new
+    constants for a new graph. Nothing here reads a Python float."""
+    k, leaves = len(entries), len(entries[0])
+    has_scale, has_bias = affine
+    out: Feature = []
+    for leaf, first in enumerate(entries[0]):
+        if first is None:
+            out.append(None)
+            continue
+        wide = torch.promote_types(first.dtype, torch.float32)
+        acc = entries[0][leaf].to(wide) * weights[0]
+        for j in range(1, k):
+            acc = acc + entries[j][leaf].to(wide) * weights[j]
+        if has_scale:
+            acc = acc * weights[k + leaf]
+        if has_bias:
+            acc = acc + weights[k + (leaves if has_scale else 0) + leaf]
         out.append(acc.to(first.dtype))
     return out
 
@@ -152,29 +153,33 @@ def combine(entries: Sequence[Feature], combination: Combination, weights: torch
 class Slot:
     """The engine's interface to one unit's hooks for the current denoiser call (see the module docstring).
 
-    Written by the engine before the call: ``mode``; on SKIP, ``entries`` (the stored outputs the forecast
-    combines, newest first), ``combination`` and ``weights`` (the same as a tensor, for compiled graphs).
-    Written by the hook: ``fresh``, the unit's output on a KEEP call (and ``peak``, a 0-dim tensor
-    ``max |output|`` the engine reads later, once per step, to catch non-finite values).
+    Written by the engine before the call: ``skip`` (a plain bool, which ``torch.compile`` guards by value); on
+    skipped calls ``entries`` (the stored outputs the forecast combines, newest first), ``combination`` and, for
+    compiled graphs, the same as ``weights`` (a tensor) and ``affine`` (whether it has a per-leaf scale and bias).
+    Written by the hook on computed calls (:meth:`keep`): ``fresh``, the unit's output, and ``peak``, a 0-dim
+    tensor ``max |output|`` the engine reads later, once per step, to catch non-finite values. The engine stores
+    only the outputs a later forecast will read.
     """
 
     def __init__(self, unit: int, live: Live) -> None:
         self.unit = unit
         self.live = live
-        self.mode = Mode.COMPUTE
+        self.skip = False
         self.entries: tuple[Feature, ...] = ()
         self.combination = Combination((1.0,))
         self.weights: torch.Tensor | None = None
+        self.affine = (False, False)
         self.fresh: Feature | None = None
         self.peak: torch.Tensor | None = None
 
     def forecast(self) -> Feature:
-        """The unit's output on a SKIP call."""
-        weights = self.weights if torch.compiler.is_compiling() else None
-        return combine(self.entries, self.combination, weights)
+        """The unit's output on a skipped call."""
+        if torch.compiler.is_compiling():
+            return combine_weights(self.entries, self.weights, self.affine)  # type: ignore[arg-type]
+        return combine(self.entries, self.combination)
 
     def keep(self, leaves: Feature) -> None:
-        """Hand a KEEP call's output to the engine, with its peak for the non-finite check."""
+        """Hand a computed call's output to the engine, with its peak for the non-finite check."""
         self.fresh = leaves
         self.peak = peak(leaves)
 
@@ -191,10 +196,12 @@ def peak(leaves: Feature) -> torch.Tensor | None:
 
 
 class Live:
-    """Shared by a cache's slots: ``active`` is True only while a tracked denoiser call runs."""
+    """Shared by a cache's slots: ``active`` is True only while a tracked denoiser call runs; ``compiled`` once a
+    call ran under ``torch.compile``."""
 
     def __init__(self) -> None:
         self.active = False
+        self.compiled = False
 
 
 class StaticPolicy(Protocol):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from difcache.core import Combination, combine
+from difcache.core import Combination, combine, combine_weights
 from difcache.forecasters import ReuseForecaster, TaylorForecaster, taylor_weights
 from difcache.forecasters.rectified import RectifiedForecaster
 
@@ -127,7 +127,7 @@ def test_combine_from_a_weight_tensor_matches_the_eager_floats():
     entries = [[torch.randn(5, generator=gen), torch.randn(3, generator=gen)] for _ in range(3)]
     combination = Combination((1.5, -0.75, 0.25), scale=(0.9, 1.1), bias=(0.1, -0.2))
     eager = combine(entries, combination)
-    compiled = torch.compile(lambda w: combine(entries, combination, w), backend="eager", fullgraph=True)
+    compiled = torch.compile(lambda w: combine_weights(entries, w, (True, True)), backend="eager", fullgraph=True)
     traced = compiled(combination.as_tensor(torch.device("cpu")))
     for a, b in zip(eager, traced, strict=True):
         assert torch.allclose(a, b, atol=1e-6)

@@ -1,7 +1,9 @@
 """Adapters for the diffusers model families difcache supports.
 
 Unit names were read from diffusers 0.42 block classes; each is a sub-module whose output the block gates
-or adds afterwards, so caching it and recomputing the gate every step is what FORA and TaylorSeer do.
+or adds afterwards, so caching it and recomputing the gate every step is what FORA and TaylorSeer do. FLUX and
+HunyuanVideo single-stream blocks have no single such sub-module: their unit is the output of ``proj_out`` over
+the attention and MLP branches (a composite unit), as in the official TaylorSeer-FLUX and -HunyuanVideo code.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from difcache.adapters.registry import block_adapter, register_adapter
 from difcache.adapters.unet import unet_adapter
 
 _BASIC = {"attn1": "attn", "attn2": "cross_attn", "ff": "ffn"}  # BasicTransformerBlock (DiT, PixArt, UNet)
+# FLUX / HunyuanVideo single-stream blocks: one pre-gate unit, proj_out(cat(attn, act_mlp(proj_mlp(x)))), as the
+# official TaylorSeer caches `total`; the block still applies its current gate and residual (adapters docstring).
+_SINGLE_STREAM = ("attn", "proj_mlp", "act_mlp", "proj_out")
 
 register_adapter("DiTTransformer2DModel", block_adapter("dit", ["transformer_blocks"], _BASIC))
 register_adapter("PixArtTransformer2DModel", block_adapter("pixart", ["transformer_blocks"], _BASIC))
@@ -23,7 +28,7 @@ register_adapter(
         "flux",
         ["transformer_blocks", "single_transformer_blocks"],
         {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
-        whole_block_groups=["single_transformer_blocks"],
+        composite_groups={"single_transformer_blocks": _SINGLE_STREAM},
     ),
 )
 register_adapter(
@@ -36,7 +41,7 @@ register_adapter(
         "hunyuanvideo",
         ["transformer_blocks", "single_transformer_blocks"],
         {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
-        whole_block_groups=["single_transformer_blocks"],
+        composite_groups={"single_transformer_blocks": _SINGLE_STREAM},
     ),
 )
 register_adapter(

@@ -56,7 +56,7 @@ def block_adapter(
     family: str,
     groups: Sequence[str],
     units: Mapping[str, str],
-    whole_block_groups: Sequence[str] = (),
+    composite_groups: Mapping[str, Sequence[str]] | None = None,
     block_classes: Sequence[str] = (),
 ) -> AdapterFn:
     """An adapter from data.
@@ -66,10 +66,14 @@ def block_adapter(
         groups: attribute names of the ``ModuleList``s holding the blocks, in execution order.
         units: child name inside a block -> unit kind (one of ``UNIT_KINDS``); missing or ``None`` children
             are skipped (e.g. DiT blocks have no ``attn2``).
-        whole_block_groups: groups whose blocks are cached whole (FLUX single-stream blocks, as in TaylorSeer).
+        composite_groups: group -> child names whose combined output is the block's one pre-gate unit (kind
+            ``"block"``), the last of them producing it: FLUX and HunyuanVideo single-stream blocks, where
+            TaylorSeer caches ``proj_out(cat(attn, mlp))`` before the block's gate (see
+            :mod:`difcache.engine.scopes.module`). No child names: the whole block is the unit.
         block_classes: instead of ``groups``, find blocks anywhere in the model by class name (UNet
             transformer blocks nested in down/mid/up blocks), in module registration order.
     """
+    composite_groups = dict(composite_groups or {})
     bad = sorted(set(units.values()) - set(UNIT_KINDS))
     if bad:
         raise DifcacheError(f"Unknown unit kind(s) {bad}; use one of {list(UNIT_KINDS)}.")
@@ -90,8 +94,13 @@ def block_adapter(
         for name, group, module in found:
             index = len(blocks)
             blocks.append(Block(name, module, group, index))
-            if group in whole_block_groups:
-                unit_list.append(Unit(name, module, "block", index))
+            if group in composite_groups:
+                children = composite_groups[group]
+                if not children:
+                    unit_list.append(Unit(name, module, "block", index))
+                    continue
+                members = tuple(getattr(module, child) for child in children)
+                unit_list.append(Unit(f"{name}.{children[-1]}", members[-1], "block", index, members))
                 continue
             for child, kind in units.items():
                 sub = getattr(module, child, None)

@@ -116,7 +116,7 @@ _UNET_UNITS = {"attn1": "attn", "attn2": "cross_attn", "ff": "ffn"}
 register_comfy_adapter(
     "Flux",
     ComfyAdapter(
-        block_adapter("flux", _FLUX_GROUPS, {}, whole_block_groups=_FLUX_GROUPS),
+        block_adapter("flux", _FLUX_GROUPS, {}, composite_groups={g: () for g in _FLUX_GROUPS}),
         scope="residual",
         streams=(("DoubleStreamBlock", ("img", "txt")), ("SingleStreamBlock", ("x",))),
     ),

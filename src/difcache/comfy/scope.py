@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from difcache.adapters.layout import Unit
-from difcache.core import Mode, Slot, UnitRuntime
+from difcache.core import Slot, UnitRuntime
 from difcache.engine.hooks import ForwardHook, register
 from difcache.engine.scopes.module import UNIT_HOOK
 from difcache.errors import DifcacheError
@@ -73,15 +73,13 @@ class _ResidualHook(ForwardHook):
         if not slot.live.active:  # called outside a sampling step: behave as if uncached
             return self.fn_ref.original_forward(*args, **kwargs)
         inputs = self._inputs(args, kwargs)
-        if slot.mode == Mode.SKIP:
+        if slot.skip:
             residual = slot.forecast()
             if all(r.shape == x.shape for r, x in zip(residual, inputs, strict=True)):
                 outs = [(x.float() + r).to(x.dtype) for x, r in zip(inputs, residual, strict=True)]
                 return outs[0] if len(outs) == 1 else tuple(outs)
-        keep = slot.mode == Mode.KEEP
         # A copy: the block may write into its input tensors.
-        before = [x.detach().to(torch.float32, copy=True) for x in inputs] if keep else None
+        before = [x.detach().to(torch.float32, copy=True) for x in inputs]
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if before is not None:
-            slot.keep([o.detach().float() - b for o, b in zip(self._outputs(output), before, strict=True)])
+        slot.keep([o.detach().float() - b for o, b in zip(self._outputs(output), before, strict=True)])
         return output

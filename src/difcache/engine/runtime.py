@@ -24,14 +24,14 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from difcache.adapters.layout import Layout
-from difcache.core import Action, Combination, Live, Mode, Plan, Slot, StepInfo
+from difcache.core import Action, Combination, Live, Plan, Slot, StepInfo
 from difcache.engine.flops import measure_flops, measure_flops_without_running
 from difcache.engine.hooks import register
 from difcache.engine.stats import CacheStats, UnitStats
@@ -73,6 +73,7 @@ class CacheRootHook(ModelHook):
         rt = self.runtime
         compiling = torch.compiler.is_compiling()
         if compiling:
+            rt.live.compiled = True  # later calls are prepared for compiled graphs (no aliased inputs)
             output = self.fn_ref.original_forward(*args, **kwargs)
         else:
             output = rt.measured_call(self.fn_ref.original_forward, args, kwargs)
@@ -104,7 +105,8 @@ class CacheRuntime:
         self.stats = CacheStats(method, units=[UnitStats(u.name, u.kind) for u in units], notes=dict(plan.notes))
         self.current: CallRecord | None = None
         self._records: list[CallRecord] = []
-        self._kept: list[tuple[str, int]] = [("", 0)] * len(units)  # (branch, step) of the output a KEEP hands in
+        # (branch, step) under which each unit's next handed-in output is stored; None: a later forecast won't read it
+        self._kept: list[tuple[str, int] | None] = [None] * len(units)
         self._unresolved: list[Entry] = []
         self._table: list[list[Action]] | None = None
         self._table_key: tuple | None = None
@@ -165,6 +167,7 @@ class CacheRuntime:
         for slot in self.slots:
             slot.fresh = slot.peak = None
             slot.entries = ()
+            slot.skip = False
         if self.plan.policy.dynamic:
             self._policy_state = self.plan.policy.new_state()
 
@@ -178,15 +181,10 @@ class CacheRuntime:
         for unit, slot in enumerate(self.slots):
             slot.fresh = None
             action = actions[unit]
-            if action != Action.COMPUTE and self._arm_skip(slot, info.branch, step):
-                slot.mode = Mode.SKIP
-                continue
-            actions[unit] = Action.COMPUTE
-            if keep[unit]:
-                slot.mode = Mode.KEEP
-                self._kept[unit] = (info.branch, step)
-            else:
-                slot.mode = Mode.COMPUTE
+            slot.skip = action != Action.COMPUTE and self._arm_skip(slot, info.branch, step)
+            if not slot.skip:
+                actions[unit] = Action.COMPUTE
+            self._kept[unit] = (info.branch, step) if keep[unit] and not slot.skip else None
         self.live.active = True
         self.current = record
         self._records.append(record)
@@ -248,9 +246,18 @@ class CacheRuntime:
         if fp16 and combination.peak_bound([p or 0.0 for p in peaks]) > _FP16_MAX:  # type: ignore[misc]
             self.stats.units[unit].nonfinite_fallbacks += 1
             return False
+        # Always as many entries as the forecaster keeps (zero weights on the padding): a compiled graph then
+        # sees one structure for every forecast, however many outputs are stored yet (eager skips the zeros).
+        padding = self.plan.forecaster.history - len(used)
+        if padding > 0:
+            # Compiled graphs also guard on which inputs alias each other: pad with copies, not the entry itself.
+            fill = [_copy(used[-1]) if self.live.compiled else used[-1] for _ in range(padding)]
+            used = used + fill
+            combination = replace(combination, coefficients=combination.coefficients + (0.0,) * padding)
         slot.entries = tuple(e.leaves for e in used)
         slot.combination = combination
         slot.weights = None if first is None else self._weights_tensor(combination, first.device)
+        slot.affine = (combination.scale is not None, combination.bias is not None)
         return True
 
     def _weights_tensor(self, combination: Combination, device: torch.device) -> torch.Tensor:
@@ -278,8 +285,9 @@ class CacheRuntime:
         action = self.plan.policy.decide_live(self._policy_state, info, signal())
         self._live_decisions[unit] = (key, action)
         if action != Action.COMPUTE and self._arm_skip(slot, info.branch, info.step - info.start):
-            slot.mode = Mode.SKIP
+            slot.skip = True
             record.actions[unit] = action
+            self._kept[unit] = None
 
     # ------------------------------------------------------------------ after calls
     def measured_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -291,20 +299,25 @@ class CacheRuntime:
         key = (shape_key(args, kwargs), self._unit_key)
         if key in memo:
             return forward(*args, **kwargs)
-        output, total, per_unit = measure_flops(self._unit_modules, lambda: forward(*args, **kwargs))
+        # Compiled regions (regional compilation) cannot run under the counter: this one call runs them eagerly.
+        with torch.compiler.set_stance("force_eager"):
+            output, total, per_unit = measure_flops(self._unit_modules, lambda: forward(*args, **kwargs))
         memo[key] = (total, per_unit)
         return output
 
     def _collect(self) -> None:
         """Store what KEEP calls handed in, read their peaks (one host read), fold finished calls into stats."""
         for unit, slot in enumerate(self.slots):
-            if slot.fresh is not None:
-                branch, step = self._kept[unit]
-                entry = Entry(slot.fresh, step, slot.peak)
-                self.store.push(branch, unit, entry)
+            if slot.fresh is None:
+                continue
+            kept = self._kept[unit]
+            if kept is not None:
+                entry = Entry(slot.fresh, kept[1], slot.peak)
+                self.store.push(kept[0], unit, entry)
                 if isinstance(entry.peak, torch.Tensor):
                     self._unresolved.append(entry)
-                slot.fresh = slot.peak = None
+            slot.fresh = slot.peak = None
+            self._kept[unit] = None
         if self._unresolved:
             _resolve_peaks(self._unresolved)
             self._unresolved.clear()
@@ -381,6 +394,10 @@ class CacheRuntime:
             notes=self.stats.notes,
             steps_source=self.stats.steps_source,
         )
+
+
+def _copy(entry: Entry) -> Entry:
+    return Entry([None if t is None else t.clone() for t in entry.leaves], entry.step, entry.peak)
 
 
 def _resolve_peaks(entries: list[Entry]) -> None:

@@ -342,9 +342,10 @@ class StepTracker:
 
     # ------------------------------------------------------------------ per call (traced under torch.compile)
     def _on_call(self, args: tuple, kwargs: dict) -> None:
-        key = shape_key(args, kwargs)
-        if key != self._shape_key:
-            self._on_shape_change(key)
+        # A shape change inside a run (eager only: compiled graphs guard on shapes, and runs start at the
+        # scheduler's set_timesteps; unannounced calls check it in _unannounced_call).
+        if not torch.compiler.is_compiling():
+            self._check_shape(args, kwargs)
         info = self._pending
         if info is None:
             info = self._unannounced_call(args, kwargs)
@@ -352,9 +353,11 @@ class StepTracker:
         self._run_has_calls = True
         self.info = info
 
-    @torch.compiler.disable
-    def _on_shape_change(self, key: tuple) -> None:
+    def _check_shape(self, args: tuple, kwargs: dict) -> None:
         """Resolution or batch changed: inside a run, the features of the old shape are useless (new run)."""
+        key = shape_key(args, kwargs)
+        if key == self._shape_key:
+            return
         changed_mid_run = self._shape_key is not None and self._run_open and self._run_has_calls
         self._shape_key = key
         if not changed_mid_run or self.external:
@@ -373,6 +376,7 @@ class StepTracker:
         if self.external:
             return None
         self._claim()
+        self._check_shape(args, kwargs)
         if self._pipeline is not None and self._rebind_if_swapped():
             return self._pending
         if self._run_open and self.uses_scheduler and self.source.startswith("scheduler") and not self._finished():

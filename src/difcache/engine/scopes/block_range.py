@@ -25,7 +25,7 @@ import torch
 from diffusers.hooks._helpers import TransformerBlockRegistry
 
 from difcache.adapters.layout import Layout, Unit
-from difcache.core import Mode, Slot, UnitRuntime
+from difcache.core import Slot, UnitRuntime
 from difcache.engine.hooks import ForwardHook, register
 from difcache.errors import DifcacheError
 
@@ -149,7 +149,7 @@ class RangeBlockHook(ForwardHook):
                 signal = self.signal
                 self.runtime.decide_live(slot, lambda: signal(module, bound))
             shared.inputs = (hidden, encoder)
-        if slot.mode == Mode.SKIP:
+        if slot.skip:
             if not self.tail:
                 return streams.pack(hidden, encoder)
             r_hidden, r_encoder = slot.forecast()
@@ -159,7 +159,7 @@ class RangeBlockHook(ForwardHook):
                 new_encoder = (encoder.float() + r_encoder).to(encoder.dtype)
             return streams.pack(new_hidden, new_encoder)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.tail and slot.mode == Mode.KEEP:
+        if self.tail:
             out_hidden, out_encoder = streams.outputs(output)
             in_hidden, in_encoder = shared.inputs
             residual: list[torch.Tensor | None] = [out_hidden.float() - in_hidden.float(), None]

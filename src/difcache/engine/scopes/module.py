@@ -17,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from difcache.adapters.layout import Unit
-from difcache.core import Feature, Mode, Slot, UnitRuntime
+from difcache.core import Feature, Slot, UnitRuntime
 from difcache.engine.hooks import ForwardHook, register
 
 UNIT_HOOK = "difcache_unit"
@@ -40,7 +40,7 @@ class ModuleScope:
 
 
 class UnitHook(ForwardHook):
-    """Runs the module, keeps its output when told to, or returns the forecast on skipped calls."""
+    """Runs the module and hands its output in, or returns the forecast on skipped calls."""
 
     def __init__(self, slot: Slot) -> None:
         super().__init__()
@@ -53,12 +53,11 @@ class UnitHook(ForwardHook):
         slot = self.slot
         if not slot.live.active:  # called outside a tracked denoiser call: behave as if uncached
             return self.fn_ref.original_forward(*args, **kwargs)
-        if slot.mode == Mode.SKIP:
+        if slot.skip:
             return rebuild(slot.forecast(), self._spec)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if slot.mode == Mode.KEEP:
-            leaves, self._spec = flatten(output)
-            slot.keep(leaves)
+        leaves, self._spec = flatten(output)
+        slot.keep(leaves)
         return output
 
 
@@ -72,7 +71,7 @@ class FeederHook(ForwardHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         slot = self.slot
-        if slot.live.active and slot.mode == Mode.SKIP and self._meta is not None:
+        if slot.live.active and slot.skip and self._meta is not None:
             spec, shapes = self._meta
             return rebuild([None if m is None else placeholder(*m) for m in shapes], spec)
         output = self.fn_ref.original_forward(*args, **kwargs)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from difcache.adapters.layout import Layout, Unit
-from difcache.core import Mode, Slot, UnitRuntime
+from difcache.core import Slot, UnitRuntime
 from difcache.engine.hooks import ForwardHook, register
 from difcache.engine.scopes import module as _module
 from difcache.engine.scopes.module import flatten, rebuild
@@ -108,7 +108,7 @@ class _DeepModuleHook(ForwardHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         slot = self.slot
-        if slot.live.active and slot.mode == Mode.SKIP:
+        if slot.live.active and slot.skip:
             if self.feature:
                 return rebuild([None if x is None else x.clone() for x in slot.forecast()], self._spec)
             if self._meta is not None:
@@ -119,7 +119,7 @@ class _DeepModuleHook(ForwardHook):
         leaves, spec = flatten(output)
         if not self.feature:
             self._meta = (spec, [None if x is None else (x.shape, x.dtype, x.device) for x in leaves])
-        elif slot.live.active and slot.mode == Mode.KEEP:
+        elif slot.live.active:
             self._spec = spec
             slot.keep([None if x is None else x.clone() for x in leaves])
         return output
