@@ -85,6 +85,7 @@ def test_single_stream_block_applies_its_current_gate_and_residual_to_the_foreca
 
 
 def _img2img_decisions(method: str, strength: float) -> list[int]:
+    """Whether the first unit is skipped, per step of one img2img run."""
     base = tiny("flux")
     pipe = d.FluxImg2ImgPipeline(**base.components)
     pipe.set_progress_bar_config(disable=True)
@@ -93,12 +94,13 @@ def _img2img_decisions(method: str, strength: float) -> list[int]:
         kwargs.pop(key, None)
     image = torch.rand(1, 3, 16, 16)
     with difcache.apply_cache(pipe, method, interval=3, **({"warmup": 3} if method == "taylorseer" else {})) as h:
-        rows: list[int] = []
-        # Listeners run in order: this one reads the slot the runtime has just armed for the announced call.
-        remove = h._runtime.tracker.on_call(lambda info: rows.append(int(h._runtime.slots[0].skip)))
+        rows: dict[int, int] = {}
+        # Listeners run in order: this one reads the slot the runtime has just armed for the announced call (the
+        # last announcement of a step is the one its call picks up).
+        remove = h._runtime.tracker.on_call(lambda i: rows.__setitem__(i.step - i.start, int(h._runtime.slots[0].skip)))
         pipe(image=image, strength=strength, **kwargs)
         remove()
-    return rows
+    return [rows[s] for s in sorted(rows)]
 
 
 @pytest.mark.parametrize("method", ["taylorseer", "fora"])
