@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+import difcache.kernels.cpu_extension as cpu_extension
 from difcache.errors import DifcacheError
-from difcache.kernels import cpu_extension
 from difcache.kernels._common import interpreting, triton_available
 from difcache.kernels.block_sparse_attention import (
     block_sparse_attention,

@@ -25,8 +25,8 @@ import math
 
 import torch
 
+import difcache.kernels.cpu_extension as cpu_extension
 from difcache.errors import DifcacheError
-from difcache.kernels import cpu_extension
 from difcache.kernels._common import (
     check_launchable,
     check_lists,

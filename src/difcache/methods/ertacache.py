@@ -51,16 +51,10 @@ summarised by secondary sources):
   (exact for FlowMatchEuler, whose timesteps are ``σ·num_train_timesteps``), so the model is evaluated at the
   noise level its input has. On the random-weight test models neither variant was consistently closer to the
   uncached output.
-
-Measured on random-weight tiny FLUX models (``tests/test_ertacache.py``; 20-30 steps, λ = 0.4, about 2/3 of the
-steps reused): φ is near 0 on most reused steps (the scalar rectification removes little of the error there),
-so the adjustment mostly hands the reused steps' share of the trajectory to the computed ones. The final
-latents then end about 4-9x farther from the uncached ones than plain residual reuse with the same set
-(relative L2 ≈ 0.02-0.05 against ≈ 0.005), and rectification alone changes the distance by only ±10%. Random
-weights say little about trained models; these numbers are why no test claims that ERTACache beats plain reuse.
 * **Why timestep adjustment is opt-in** (deviation: the paper applies it). Our reconstruction of φ could not
-  be checked against the official code, and every measurement we have says it hurts: on the random-weight
-  FLUX models above, and on the trained bundled DiT (``BENCHMARKS.md``: same calibrated reuse set, 50 steps,
+  be checked against the official code, and every measurement we have says it hurts: on random-weight FLUX
+  models (final latents 4-9x farther from uncached than plain reuse of the same set), and on the trained
+  bundled DiT (``BENCHMARKS.md``: same calibrated reuse set, 50 steps,
   16.4 dB PSNR and FID 47 with the adjustment, 37.5 dB with reuse and rectification alone). So the default is
   reuse set + rectification; ``adjust_timesteps=True`` turns part (b) on, to experiment with or to verify
   once the official code is readable.
