@@ -44,3 +44,21 @@ def test_overlapping_ranges_rejected():
         difcache.apply_cache(FluxLoop(), "delta_dit", num_cached_blocks=3)
     with pytest.raises(ValueError, match="boundary must be > 0.0 and <= 1.0"):
         difcache.DeltaDiTConfig(boundary=1.5)
+
+
+def test_defaults_reach_the_papers_operating_point_on_a_pixart_shaped_model():
+    # The paper: 1.6x on 20-step PIXART-α (28 blocks). Random weights, so the error bound is relative to a
+    # change of seed, not a quality claim.
+    from difcache.models.tiny import tiny, tiny_call_kwargs
+
+    pipe = tiny("pixart", num_layers=28)
+    pipe.set_progress_bar_config(disable=True)
+    reference = torch.as_tensor(pipe(**tiny_call_kwargs("pixart", num_inference_steps=20)).images)
+    other_seed = torch.as_tensor(pipe(**tiny_call_kwargs("pixart", num_inference_steps=20, seed=1)).images)
+    with difcache.apply_cache(pipe, "delta_dit") as handle:
+        cached = torch.as_tensor(pipe(**tiny_call_kwargs("pixart", num_inference_steps=20)).images)
+        stats = handle.stats()
+    assert [u.name for u in stats.units] == ["transformer_blocks.0..transformer_blocks.13",
+                                             "transformer_blocks.14..transformer_blocks.27"]  # fmt: skip
+    assert stats.ideal_speedup >= 1.45
+    assert (cached - reference).abs().mean() < 0.2 * (other_seed - reference).abs().mean()

@@ -183,3 +183,43 @@ def test_config_validation():
     assert wan.replace(indicator="first_block_residual").coefficients == (1.0, 0.0)
     assert wan.replace(indicator="first_block_residual", coefficients=(2.0, 0.0)).coefficients == (2.0, 0.0)
     assert wan.replace(threshold=0.2).coefficients == wan.coefficients
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "preset", "threshold", "cooldown"),
+    [
+        ("wan", {}, "wan2.1-t2v-1.3b", 0.08, 0),
+        ("wan", {"num_layers": 40}, "wan2.1-t2v-14b", 0.1, 0),
+        ("wan", {"image_dim": 16, "added_kv_proj_dim": 16}, "wan2.1-i2v-14b-480p", 0.2, 0),
+        ("cogvideox", {}, "cogvideox-2b", 0.2, 1),
+        ("cogvideox", {"use_rotary_positional_embeddings": True}, "cogvideox-5b", 0.2, 1),
+        ("cogvideox", {"patch_size_t": 1, "use_rotary_positional_embeddings": True}, "cogvideox1.5-5b", 0.2, 1),
+        ("ltx", {}, "ltx", 0.05, 1),
+        ("flux", {}, "flux", 0.6, 1),
+        ("dit", {}, None, 0.1, 1),
+    ],
+)
+def test_official_preset_is_picked_from_the_model_config_and_named_in_stats(
+    family, overrides, preset, threshold, cooldown
+):
+    from difcache.adapters import layout_of
+    from difcache.models.tiny import tiny_denoiser
+
+    model = tiny_denoiser(family, **overrides)
+    config = difcache.TeaCacheConfig.for_layout(layout_of(model))
+    assert (config.preset, config.threshold, config.cooldown) == (preset, threshold, cooldown)
+    if family == "wan":  # use_ret_steps: the timestep projection e0, five steps computed, the last not forced
+        assert config.indicator == "timestep_embedding" and config.warmup == 5
+    if family == "ltx":  # block 0's modulated input, as the official TeaCache4LTX
+        assert config.indicator == "modulated_input"
+    handle = difcache.apply_cache(model, "teacache")
+    assert handle.stats().notes["preset"] == (preset or "none (custom settings)")
+    handle.remove()
+
+
+def test_timestep_embedding_indicator_is_refused_at_apply_time_where_blocks_take_no_temb():
+    from difcache.models.tiny import tiny_denoiser
+
+    for family in ("dit", "pixart"):
+        with pytest.raises(difcache.DifcacheError, match="takes none.*modulated_input"):
+            difcache.apply_cache(tiny_denoiser(family), "teacache", indicator="timestep_embedding")

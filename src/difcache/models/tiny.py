@@ -101,13 +101,14 @@ def tiny_denoiser(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Modu
     return getattr(d, class_name)(**{**config, **overrides}).eval()
 
 
-def tiny(family: str, seed: int = 0) -> d.DiffusionPipeline:
-    """A real diffusers pipeline of ``family`` around :func:`tiny_denoiser` (deterministic for ``seed``).
+def tiny(family: str, seed: int = 0, **overrides: Any) -> d.DiffusionPipeline:
+    """A real diffusers pipeline of ``family`` around :func:`tiny_denoiser` (deterministic for ``seed``; config
+    ``overrides`` such as ``num_layers=28`` go to the denoiser).
 
     Components are put in eval mode, as ``from_pretrained`` does: constructed modules start in training mode,
     where DiT's class-label dropout would make every call different.
     """
-    pipe = _assemble(family, tiny_denoiser(family, seed))
+    pipe = _assemble(family, tiny_denoiser(family, seed, **overrides))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
