@@ -11,15 +11,42 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from difcache.config import parse_fields
+from difcache.errors import DifcacheError
 
 
 def _parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """``"taylorseer:interval=4,order=2"`` -> ``("taylorseer", {"interval": 4, "order": 2})``."""
     name, _, rest = text.partition(":")
-    return name.strip(), parse_fields(rest)
+    try:
+        return name.strip(), parse_fields(rest)
+    except ValueError as err:
+        raise DifcacheError(f"bad setting {text!r}: {err}") from None
+
+
+def _check_setting(method: str, setting: dict[str, Any]) -> None:
+    """Fail now, naming the field, rather than after minutes of uncached reference runs."""
+    from difcache.methods import method_spec
+
+    try:
+        method_spec(method).config_cls().replace(**setting)
+    except (TypeError, ValueError) as err:
+        raise DifcacheError(f"{method}: {err}") from None
+
+
+def _check_out(path: str, is_dir: bool) -> None:
+    """Make sure ``path`` (a folder, or a file's folder) can be written before any work starts."""
+    folder = Path(path) if is_dir else Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".difcache-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DifcacheError(f"cannot write to {folder} ({err.strerror}); choose another --out.") from None
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -40,13 +67,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from difcache.demo import run_demo
 
+    overrides = _parse_setting("x:" + args.set)[1] if args.set else {}
+    _check_setting(args.method, overrides)
+    _check_setting(args.unet_method, {})
+    _check_out(args.out, is_dir=True)
     run_demo(
         method=args.method,
         unet_method=args.unet_method,
         steps=args.steps,
         seeds=args.seeds,
         out=args.out,
-        overrides=_parse_setting("x:" + args.set)[1] if args.set else {},
+        overrides=overrides,
         include_unet=not args.no_unet,
     )
     return 0
@@ -55,19 +86,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from difcache.bench.alternatives import ALTERNATIVES
     from difcache.bench.run import alternative_variant, difcache_variant, markdown_table, run_bench, write_report
     from difcache.bench.targets import build_target, default_variants
 
+    makers = []
+    for text in args.variants or ():
+        name, setting = _parse_setting(text)
+        if "-" in name:
+            if name not in ALTERNATIVES:
+                raise DifcacheError(f"unknown alternative {name!r}; one of {', '.join(sorted(ALTERNATIVES))}.")
+            makers.append(alternative_variant(name, **setting))
+        else:
+            _check_setting(name, setting)
+            makers.append(difcache_variant(name, **setting))
+    _check_out(args.out, is_dir=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     target = build_target(args.model, steps=args.steps, seeds=args.seeds)
-    if args.variants:
-        makers = []
-        for text in args.variants:
-            name, setting = _parse_setting(text)
-            makers.append(alternative_variant(name, **setting) if "-" in name else difcache_variant(name, **setting))
-    else:
-        makers = default_variants(args.model)
+    makers = makers or default_variants(args.model)
     report = run_bench(target, makers, repeats=args.repeats, fid_samples=args.fid_samples)
     out = write_report(report, args.out)
     print(markdown_table(report))
@@ -79,6 +116,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import difcache
     from difcache.bench.targets import build_target, calibration_calls
 
+    _check_out(args.out, is_dir=False)
     target = build_target(args.model, steps=args.steps, seeds=(0,))
     profile = difcache.calibrate(
         target.pipe, args.method, calibration_calls(args.model, args.calls), num_inference_steps=args.steps
@@ -88,17 +126,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), like every other difcache error."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="difcache", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="difcache", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="bundled tiny models, uncached vs cached, side by side")
     demo.add_argument("--method", default="taylorseer", help="method for the DiT (default taylorseer)")
     demo.add_argument("--unet-method", default="deepcache", help="method for the UNet (default deepcache)")
     demo.add_argument("--set", default="", help="overrides for --method, e.g. 'interval=4,order=2'")
-    demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument("--steps", type=_positive, default=50)
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--no-unet", action="store_true", help="only the DiT")
@@ -107,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="methods and alternatives side by side (BENCHMARKS.md)")
     bench.add_argument("--model", default="dit", help="bundled model (dit, unet, video) or tiny:<family>")
     bench.add_argument("--variants", nargs="*", help="e.g. taylorseer:interval=4 diffusers-fbc:threshold=0.1")
-    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--steps", type=_positive, default=50)
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=_positive, default=5)
     bench.add_argument("--threads", type=int, default=0)
     bench.add_argument(
         "--fid-samples", type=int, default=128,
@@ -121,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="calibrate a method on a bundled model and save the profile")
     cal.add_argument("--model", default="dit")
     cal.add_argument("--method", required=True)
-    cal.add_argument("--steps", type=int, default=50)
-    cal.add_argument("--calls", type=int, default=4, help="calibration pipeline calls")
+    cal.add_argument("--steps", type=_positive, default=50)
+    cal.add_argument("--calls", type=_positive, default=4, help="calibration pipeline calls")
     cal.add_argument("--out", required=True)
     cal.set_defaults(fn=_cmd_calibrate)
 
@@ -133,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from difcache.errors import DifcacheError
-
     try:
         return args.fn(args)
     except DifcacheError as err:

@@ -6,6 +6,7 @@ uncached images, and writes a PNG per model: uncached on top, cached below, the 
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,13 @@ import torch
 from PIL import Image, ImageDraw
 
 import difcache
-from difcache.bench.timing import interleaved_medians
+from difcache.bench.timing import paired_ratios, spread
 from difcache.eval.metrics import psnr, ssim
 from difcache.models import CLASSES, available, load
 from difcache.models.shapes import to_uint8_grid
+
+TIMING_PAIRS = 5
+SPREAD_LIMIT = 0.25  # (max - min) / median of the pair ratios above which the timing is reported as untrustworthy
 
 
 def _dit_call(pipe: Any, seeds: list[int], steps: int) -> torch.Tensor:
@@ -61,10 +65,12 @@ def _compare(
     cached = call(pipe, seeds, steps)
     stats = handle.stats()
     handle.remove()
+    # Timed as `difcache bench` does: a warm-up each, then (uncached, cached) pairs back to back, median ratio.
     holder: dict[str, Any] = {}
-    medians = interleaved_medians(
+    _, ratios = paired_ratios(
         {"uncached": lambda: call(pipe, seeds[:1], steps), "cached": lambda: call(pipe, seeds[:1], steps)},
-        repeats=3,
+        "uncached",
+        repeats=TIMING_PAIRS,
         setup={"cached": lambda: holder.__setitem__("h", difcache.apply_cache(pipe, method, **overrides))},
         teardown={"cached": lambda: holder.pop("h").remove()},
     )
@@ -72,7 +78,8 @@ def _compare(
         "model": name,
         "method": method,
         "config": stats.method,
-        "measured_speedup": medians["uncached"] / medians["cached"],
+        "measured_speedup": statistics.median(ratios["cached"]),
+        "timing_spread": spread(ratios["cached"]),
         "ideal_speedup": stats.ideal_speedup,
         "psnr": psnr(cached, reference),
         "ssim": ssim(cached, reference),
@@ -83,6 +90,11 @@ def _compare(
     )
     _side_by_side(reference, cached, out / f"demo_{name}.png", title)
     print(title)
+    if result["timing_spread"] > SPREAD_LIMIT:
+        print(
+            f"  (the {TIMING_PAIRS} timed pairs disagree by {100 * result['timing_spread']:.0f}% of the median: the "
+            "machine is busy, so the measured speedup is not to be trusted; the ideal speedup is)"
+        )
     print(stats)
     return result
 

@@ -9,6 +9,7 @@ speedup is what a zero-overhead engine would reach with the same decisions on th
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +84,21 @@ def paired_speedups(
     reference run per round of many variants. Costs one extra reference run per variant and round.
     ``setup``/``teardown`` run around each variant's timed call, outside the timing.
     """
+    times, ratios = paired_ratios(variants, reference, repeats, warmup, setup, teardown, clock)
+    medians = {name: statistics.median(values) for name, values in times.items() if values}
+    return medians, {name: statistics.median(values) for name, values in ratios.items() if values}
+
+
+def paired_ratios(
+    variants: dict[str, Callable[[], Any]],
+    reference: str,
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: dict[str, Callable[[], Any]] | None = None,
+    teardown: dict[str, Callable[[], Any]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The timings behind :func:`paired_speedups`: every wall time, and every pair's ratio, per variant."""
     setup, teardown = setup or {}, teardown or {}
     times: dict[str, list[float]] = {name: [] for name in variants}
     ratios: dict[str, list[float]] = {name: [] for name in variants if name != reference}
@@ -94,8 +110,13 @@ def paired_speedups(
                 times[reference].append(base)
                 times[name].append(elapsed)
                 ratios[name].append(base / elapsed)
-    medians = {name: statistics.median(values) for name, values in times.items() if values}
-    return medians, {name: statistics.median(values) for name, values in ratios.items() if values}
+    return times, ratios
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far apart repeated measurements of one ratio are."""
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle else math.inf
 
 
 @dataclass
