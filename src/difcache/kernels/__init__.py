@@ -26,6 +26,7 @@ from difcache.errors import DifcacheError
 from difcache.kernels import cpu_extension
 from difcache.kernels._common import interpreting, triton_available
 from difcache.kernels.block_sparse_attention import (
+    attention_with_lse,
     block_sparse_attention,
     block_sparse_attention_cpp,
     block_sparse_attention_reference,
@@ -44,6 +45,7 @@ BACKENDS = ("auto", "triton", "cpp", "torch", "flex", "reference")
 
 __all__ = [
     "BACKENDS",
+    "attention_with_lse",
     "block_sparse_attention",
     "block_sparse_attention_cpp",
     "block_sparse_attention_flex",

@@ -469,6 +469,48 @@ def fused_block_attention(
     return out.reshape(shape), lse
 
 
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_bytes: int = 64 << 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention that also returns the log-sum-exp: ``(out [B, H, Nq, D] fp32, lse [B, H, Nq] fp32)``.
+
+    ``q [B, H, Nq, D]`` against ``k``/``v [B, Hk, Nk, D]``, keys masked by ``key_valid [B, Nk]`` (bool) and scores
+    scaled by ``scale`` (default ``D**-0.5``; pass the attention's own). On CPU through ATen's fused flash kernel
+    (no score tensor); elsewhere scores are formed in query chunks of at most ``chunk_bytes``, never the whole
+    ``[B, H, Nq, Nk]`` at once. Rows with no valid key give 0 and ``-inf``. Used to merge dense text columns into a
+    sparse video result exactly, and for AdaSpa's exact search.
+    """
+    b, h, nq, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    k, v = expand_kv_heads(k, h).float(), expand_kv_heads(v, h).float()
+    bias = None
+    if key_valid is not None:
+        bias = torch.zeros(key_valid.shape, device=q.device).masked_fill_(~key_valid.to(torch.bool), -math.inf)
+        bias = bias[:, None, None, :]
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k, v, attn_mask=bias, scale=scale
+        )
+        if key_valid is not None:
+            empty = ~key_valid.to(torch.bool).any(dim=-1)  # ATen gives lse 0 for a row with no valid key
+            lse = lse.masked_fill(empty[:, None, None], -math.inf)
+        return out, lse
+    out = torch.empty(b, h, nq, d, device=q.device)
+    lse = torch.empty(b, h, nq, device=q.device)
+    rows = max(1, chunk_bytes // max(1, b * h * k.shape[2] * 4))
+    for r0 in range(0, nq, rows):
+        r = slice(r0, min(nq, r0 + rows))
+        s = (q[:, :, r].float() @ k.transpose(-1, -2)) * scale
+        valid = None if key_valid is None else key_valid.to(torch.bool)[:, None, None, :]
+        out[:, :, r], lse[:, :, r] = masked_softmax_av(s, v, valid)
+    return out, lse
+
+
 def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
