@@ -184,7 +184,7 @@ def test_exact_block_mass_is_the_true_mass_from_the_lse():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 150, 16, generator=g) for _ in range(3))
     _, lse = attention_with_lse(q, k, v)
-    mass = exact_block_mass(q, k, lse, 32, row_chunk=64)
+    mass = exact_block_mass(q, k, lse, 32, chunk_bytes=64 * 150 * 4)
     torch.testing.assert_close(mass, true_block_mass(q, k, 32), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mass.sum(-1), torch.ones(2, 3, 5), atol=1e-5, rtol=0)
 

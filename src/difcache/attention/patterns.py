@@ -212,14 +212,15 @@ def exact_block_mass(
     block_size: int,
     scale: float | None = None,
     block_len: torch.Tensor | None = None,
-    row_chunk: int = 1024,
+    chunk_bytes: int = 16 << 20,
 ) -> torch.Tensor:
     """``probs [B, H, M, M]``: the exact attention mass each query block puts on each key block (AdaSpa).
 
     ``lse [B, H, N]`` is the log-sum-exp of the full attention rows (from a dense pass), so one more pass over the
     scores gives every probability ``exp(q.k * scale - lse)`` without normalising again: AdaSpa's LSE-cached
     search (Xia et al., arXiv:2502.21079). Mass per pair is the mean over the query block's real rows of the summed
-    probabilities of the key block's keys; rows sum to 1. Padding keys and rows count nothing.
+    probabilities of the key block's keys; rows sum to 1. Padding keys and rows count nothing. Scores are formed
+    per (batch, head) in row chunks of about ``chunk_bytes``.
     """
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
@@ -227,19 +228,28 @@ def exact_block_mass(
     real = token_valid(n, block_size, block_len, q.device)
     counts = block_lengths(n, block_size, block_len, q.device).float()
     kh = expand_kv_heads(k, h).float()
-    key_bias = torch.where(real, 0.0, float("-inf"))
-    pad = m * block_size - n
+    safe_lse = lse.float().masked_fill(~torch.isfinite(lse), float("inf"))  # rows without keys contribute 0
+    key_weight = None if block_len is None else real.float()
+    rows = max(block_size, chunk_bytes // (4 * n) // block_size * block_size)
+    whole = n // block_size * block_size
     mass = torch.zeros(b, h, m, m, device=q.device)
-    step = max(block_size, row_chunk // block_size * block_size)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        s = (q[:, :, r0:r1].float() @ kh.transpose(-1, -2)) * scale + key_bias
-        p = torch.exp(s - lse[:, :, r0:r1, None].float()).nan_to_num(0.0) * real[r0:r1, None]
-        p = torch.nn.functional.pad(p, (0, pad)).unflatten(-1, (m, block_size)).sum(-1)  # [B, H, r, M]
-        rows = torch.nn.functional.pad(p, (0, 0, 0, (-(r1 - r0)) % block_size))
-        mass[:, :, r0 // block_size : r0 // block_size + rows.shape[2] // block_size] = rows.unflatten(
-            2, (-1, block_size)
-        ).sum(3)
+    buffer = torch.empty(min(rows, n) * n, device=q.device)  # reused: fresh score tensors page-fault on CPU
+    for bi in range(b):
+        for hi in range(h):
+            keys_t = kh[bi, hi].T
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                p = torch.mm(q[bi, hi, r0:r1].float(), keys_t, out=buffer[: (r1 - r0) * n].view(r1 - r0, n))
+                p.mul_(scale)
+                p.sub_(safe_lse[bi, hi, r0:r1, None]).clamp_(min=-80.0).exp_()  # no denormals (slow), < 2e-35
+                if key_weight is not None:
+                    p.mul_(key_weight)
+                per_key_block = p[:, :whole].view(r1 - r0, -1, block_size).sum(-1)
+                if whole < n:
+                    per_key_block = torch.cat([per_key_block, p[:, whole:].sum(-1, keepdim=True)], dim=-1)
+                blocks = per_key_block.split(block_size)  # r0 is a multiple of block_size: whole query blocks
+                first = r0 // block_size
+                mass[bi, hi, first : first + len(blocks)] = torch.stack([x.sum(0) for x in blocks])
     return mass / counts[:, None]
 
 

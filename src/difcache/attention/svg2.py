@@ -148,14 +148,28 @@ class ClusterPattern:
 
     coverage = work  # one level of detail: what is computed is what is covered
 
+    def rows(self, which: str) -> torch.Tensor:
+        """Flat row indices (over ``[B * H * N]``) for one ``index_select`` per tensor: ``"q"``, ``"k"`` permute
+        into cluster order, ``"out"`` permutes the output back. Computed once per pattern (patterns are reused)."""
+        key = f"_rows_{which}"
+        if key not in self.__dict__:
+            perm = self.q_perm if which in ("q", "out") else self.k_perm
+            if which == "out":
+                perm = torch.empty_like(perm).scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device)
+                                                       .expand_as(perm))  # fmt: skip
+            b, h, n = perm.shape
+            base = torch.arange(b * h, device=perm.device).view(b, h, 1) * n
+            object.__setattr__(self, key, (perm + base).flatten())
+        return self.__dict__[key]
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, scale: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Permute, attend cluster to cluster, permute back: ``(out, lse)`` for ``q, k, v [B, H, N, D]``."""
-        h, d = q.shape[1], q.shape[3]
+        b, h, n, d = q.shape
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
-        take = lambda x, perm: x.gather(2, perm[..., None].expand(-1, -1, -1, d))  # noqa: E731
-        qp, kp, vp = take(q, self.q_perm), take(k, self.k_perm), take(v, self.k_perm)
+        take = lambda x, which: x.reshape(-1, d).index_select(0, self.rows(which)).view(b, h, n, d)  # noqa: E731
+        qp, kp, vp = take(q, "q"), take(k, "k"), take(v, "k")
         ranges = (self.q_start, self.q_len, self.k_start, self.k_len, self.kv_idx, self.kv_cnt)
         if backend == "cpp":
             out, lse = range_sparse_attention_cpp(qp, kp, vp, *ranges, scale)
@@ -163,8 +177,8 @@ class ClusterPattern:
             out, lse = range_sparse_attention_reference(qp, kp, vp, *ranges, scale)
         else:
             out, lse = _per_cluster(qp, kp, vp, *ranges, scale)
-        inverse = self.q_perm.argsort(dim=-1)
-        return out.gather(2, inverse[..., None].expand(-1, -1, -1, d)), lse.gather(2, inverse)
+        back = self.rows("out")
+        return take(out, "out"), lse.reshape(-1).index_select(0, back).view(b, h, n)
 
 
 def svg2_backend(backend: str, device: torch.device) -> str:

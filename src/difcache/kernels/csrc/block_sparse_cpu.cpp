@@ -6,7 +6,8 @@
 // tile-aligned padded layouts are the same with per-block lengths (padding is never read); Sparse VideoGen 2's
 // clusters are ranges of any length over a per-head permutation.
 //
-// Work is split into tasks of at most `row_tile` query rows of one query range (at::parallel_for). Per task the
+// Work is split into tasks of at most `row_tile` query rows of one query range (at::parallel_for), a range cut
+// into equal tiles. Per task the
 // listed key ranges are walked in list order; consecutive entries that are adjacent in memory (start of the next
 // == end of the previous) are merged into one run, and every run is processed in column chunks of at most
 // `col_tile` keys with the FlashAttention update (online softmax; Dao et al., arXiv:2205.14135):
@@ -98,6 +99,7 @@ struct Task {
   int64_t head;  // b * H + h
   int64_t range;  // query range index
   int64_t row0;  // first row of this task inside the range
+  int64_t rows;  // rows of this task
 };
 
 }  // namespace
@@ -126,8 +128,10 @@ std::vector<torch::Tensor> range_sparse_forward(torch::Tensor q, torch::Tensor k
   for (int64_t head = 0; head < BH; ++head) {
     for (int64_t i = 0; i < Mq; ++i) {
       const int64_t len = ql[head * Mq + i];
-      if (cnt[head * Mq + i] == 0) continue;
-      for (int64_t r = 0; r < len; r += row_tile) tasks.push_back({head, i, r});
+      if (cnt[head * Mq + i] == 0 || len == 0) continue;
+      // equal tiles of at most row_tile rows: a 300-row cluster is 3 x 100 rows, not 128 + 128 + 44
+      const int64_t tiles = (len + row_tile - 1) / row_tile, size = (len + tiles - 1) / tiles;
+      for (int64_t r = 0; r < len; r += size) tasks.push_back({head, i, r, std::min(size, len - r)});
     }
   }
 
@@ -138,7 +142,7 @@ std::vector<torch::Tensor> range_sparse_forward(torch::Tensor q, torch::Tensor k
       const Task& task = tasks[t];
       const int64_t list = task.head * Mq + task.range;
       const int64_t row = qs[list] + task.row0;
-      const int sq = static_cast<int>(std::min<int64_t>(row_tile, ql[list] - task.row0));
+      const int sq = static_cast<int>(task.rows);
       const float* q_i = qp + (task.head * Nq + row) * D;
       const float* k_h = kp + task.head * Nk * D;
       const float* v_h = vp + task.head * Nk * D;
