@@ -124,7 +124,9 @@ def video_bench(args: argparse.Namespace) -> dict:
     pipe = models.load("video")
     pipe.set_progress_bar_config(disable=True)
     labels = list(range(args.clips))
-    common = dict(block_size=args.video_block, tile=tuple(args.video_tile), warmup_steps=args.warmup, dense_layers=0)
+    schedule = dict(warmup_steps=args.warmup, dense_layers=0)
+    blocks = dict(block_size=args.video_block, tile=tuple(args.video_tile), **schedule)
+    clusters = dict(q_cluster_size=args.video_block, k_cluster_size=args.video_block // 2, **schedule)
 
     def run():
         g = torch.Generator().manual_seed(0)
@@ -132,18 +134,24 @@ def video_bench(args: argparse.Namespace) -> dict:
 
     dense = run()
     settings = {
-        "topk density 0.25": dict(method="topk", density=0.25),
-        "psa density 0.25": dict(method="psa", density=0.25, estimator=args.psa_estimator),
-        "topp p 0.9": dict(method="topp", p=0.9),
+        "topk density 0.25": dict(method="topk", density=0.25, **blocks),
+        "topk density 0.25, PSA-sampled estimate": dict(method="topk", density=0.25, estimator="sampled", **blocks),
+        "psa density 0.25 (sampled estimate, default)": dict(method="psa", density=0.25, **blocks),
+        "psa density 0.25, pooled estimate": dict(method="psa", density=0.25, estimator="pooled", **blocks),
+        "topp p 0.9": dict(method="topp", p=0.9, **blocks),
+        "adaspa density 0.25 (searched at 20 % and 60 %)": dict(method="adaspa", density=0.25, **blocks),
+        "svg2 density 0.25": dict(method="svg2", density=0.25, **clusters),
     }
     rows = {}
     for name, s in settings.items():
-        with apply_sparse_attention(pipe, **s, **common) as handle:
+        with apply_sparse_attention(pipe, **s) as handle:
             out = run()
             stats = handle.stats()
         rows[name] = {"psnr_db": psnr(out, dense), "sparse_work": stats.sparse_work,
                       "attention_work": stats.attention_work}  # fmt: skip
     grid = dense.shape
+    common = {"block": args.video_block, "tile": args.video_tile, **schedule}
+    common["svg2_clusters"] = (args.video_block, args.video_block // 2)
     print(f"\nVideo: bundled model, clips {tuple(grid)}, {args.steps} steps, block {args.video_block}, "
           f"tile {tuple(args.video_tile)}, dense warm-up {args.warmup}")  # fmt: skip
     print(
@@ -400,7 +408,6 @@ def main() -> None:
     parser.add_argument("--works", type=float, nargs="+", default=[0.1, 0.2], help="quality: matched work")
     parser.add_argument("--sources", nargs="+", default=["synthetic", "captured"], choices=["synthetic", "captured"])
     parser.add_argument("--no-timing", action="store_true", help="quality: errors only, no kernel timing")
-    parser.add_argument("--psa-estimator", default="sampled", choices=["pooled", "sampled"], help="video part")
     parser.add_argument("--json", type=str, default="", help="write the results here")
     args = parser.parse_args()
     if args.threads:

@@ -278,3 +278,56 @@ def test_svg2_selection_top_p_budget_and_exact_attention_at_one():
     assert 0 < sparse.work().item() < 1
     ranges = (sparse.q_start, sparse.q_len)
     assert torch.equal(ranges[0][..., 1:], (ranges[0] + ranges[1])[..., :-1])  # clusters tile the permutation
+
+
+class _Tracker:
+    """What SparseRuntime reads from difcache's step tracker: ``info`` and ``on_new_run``."""
+
+    def __init__(self):
+        from difcache.engine.steps import StepInfo
+
+        self.info = StepInfo(run=0, step=5, num_steps=10, branch="cond", call_in_step=0)
+
+    def on_new_run(self, callback):
+        return lambda: None
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_keys_merge_exactly_with_the_attentions_own_scale(monkeypatch, text_first):
+    """Video queries over a full pattern plus dense text keys (fused kernel, LSE merge) equal one softmax over all
+    keys at the scale given, with padded text keys masked; both token layouts (text before or after the video)."""
+    from difcache.attention.runtime import SparseRuntime
+
+    monkeypatch.setattr(SparseRuntime, "DENSE_SHORTCUT", False)
+    runtime = SparseRuntime(TopKSparseConfig(density=1.0, block_size=16, tile=(1, 3, 5), warmup_steps=0,
+                                             dense_layers=0), _Tracker())  # fmt: skip
+    runtime.grid = (2, 8, 12)  # 192 video tokens; 1 x 3 x 5 tiles leave edge tiles: a padded layout
+    g = torch.Generator().manual_seed(5)
+    n_text = 7
+    q, k, v = (torch.randn(2, 3, 192 + n_text, 16, generator=g) for _ in range(3))
+    text_valid = torch.ones(2, n_text, dtype=torch.bool)
+    text_valid[1, 4:] = False  # padding of the second prompt
+    start = n_text if text_first else 0
+    out = runtime.attend(0, q, k, v, start, text_valid, scale=0.11)
+    keys = torch.ones(2, 192 + n_text, dtype=torch.bool)
+    text = slice(0, n_text) if text_first else slice(192, 192 + n_text)
+    keys[:, text] = text_valid
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None], scale=0.11)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    stats = runtime.stats()
+    assert stats.sparse_calls == 1 and stats.search_seconds is not None and stats.search_cost > 0
+
+
+def test_attention_with_lse_masks_keys_and_keeps_the_scale():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 4, 30, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 8)
+    valid = torch.rand(2, 11, generator=g) > 0.4
+    valid[1] = False  # a row with no valid key: 0 and -inf
+    out, lse = attention_with_lse(q, k, v, valid, scale=0.2)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ kk.transpose(-1, -2)) * 0.2
+    torch.testing.assert_close(lse[0], torch.logsumexp(s[0].masked_fill(~valid[0], -torch.inf), -1))
+    expected = torch.nn.functional.scaled_dot_product_attention(q[:1], kk[:1], vv[:1], attn_mask=valid[:1, None, None],
+                                                                scale=0.2)  # fmt: skip
+    torch.testing.assert_close(out[:1], expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
