@@ -241,10 +241,14 @@ def test_fraction_warmup_without_a_scheduler_says_what_to_do():
     handle.remove()
 
 
-@pytest.mark.parametrize("method", ["psa", "svg2"])
+@pytest.mark.parametrize("method", ["psa", "svg2", "topk"])
 def test_composes_with_taylorseer_in_both_removal_orders(pipes, method):
     pipe, dense = pipes("wan")
-    settings = dict(density=0.5, **BLOCK) if method == "psa" else dict(p=0.9, **SVG2)
+    settings = {
+        "psa": dict(density=0.5, **BLOCK),
+        "svg2": dict(p=0.9, **SVG2),
+        "topk": dict(density=0.5, search_steps=(1, 3), **BLOCK),  # search-then-reuse under a cache
+    }[method]
     for first_removed in ("cache", "sparse"):
         cache = difcache.apply_cache(pipe, "taylorseer")
         sparse = apply_sparse_attention(pipe, method, **{**EVERYWHERE, **settings})
