@@ -9,10 +9,16 @@ handle.remove()
 from difcache.adapters import block_adapter, register_adapter
 from difcache.api import CacheHandle, apply_cache, remove_cache
 from difcache.attention import (
+    AdaSpaSparseConfig,
+    PSASparseConfig,
     SparseAttentionConfig,
     SparseAttentionHandle,
     SparseAttentionStats,
+    SVG2SparseConfig,
+    TopKSparseConfig,
+    TopPSparseConfig,
     apply_sparse_attention,
+    list_sparse_methods,
 )
 from difcache.calibration import calibrate
 from difcache.config import CacheConfig
@@ -37,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "AdaSpaSparseConfig",
     "AlwaysComputeConfig",
     "BACConfig",
     "CacheConfig",
@@ -47,17 +54,22 @@ __all__ = [
     "DifcacheError",
     "ERTACacheConfig",
     "FORAConfig",
+    "PSASparseConfig",
     "Profile",
+    "SVG2SparseConfig",
     "SparseAttentionConfig",
     "SparseAttentionHandle",
     "SparseAttentionStats",
     "TaylorSeerConfig",
     "TeaCacheConfig",
+    "TopKSparseConfig",
+    "TopPSparseConfig",
     "apply_cache",
     "apply_sparse_attention",
     "block_adapter",
     "calibrate",
     "list_methods",
+    "list_sparse_methods",
     "register_adapter",
     "register_method",
     "remove_cache",
