@@ -34,15 +34,18 @@ print(f"| kernel | dtype | head dim | result | shared bytes |  (sm{arch})\n|---|
 for dt in ("fp16", "bf16", "fp32"):
     for d in (64, 128):
         data = {name: f"*{dt}" for name in ("Q", "K", "V", "O", "KP", "VP")}
-        ints = {name: "*i32" for name in ("IDX", "CNT", "LVL")}
+        ints = {name: "*i32" for name in ("IDX", "CNT", "LVL", "LEN")}
         pointers = {**data, **ints, "LSE": "*fp32", "BIAS": "*fp32"}
-        for fn, extra in ((_bsa_fwd, {"BLOCK_N": 64}), (_psa_fwd, {})):
+        kernels = ((_bsa_fwd, {"BLOCK_N": 64, "HAS_LEN": False}), (_bsa_fwd, {"BLOCK_N": 64, "HAS_LEN": True}),
+                   (_psa_fwd, {}))  # fmt: skip
+        for fn, extra in kernels:
             constants = dict(HEAD_DIM=d, BLOCK=128, BLOCK_M=64, UPCAST=False, IEEE=dt == "fp32", **extra)
             source = ASTSource(fn, signature(fn, pointers, constants), constants)
             options = dict(num_warps=4 if d == 64 else 8, num_stages=2)
             try:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-                print(f"| {fn.__name__} | {dt} | {d} | cubin ok | {compiled.metadata.shared} |")
+                name = fn.__name__ + (" (padded layout)" if extra.get("HAS_LEN") else "")
+                print(f"| {name} | {dt} | {d} | cubin ok | {compiled.metadata.shared} |")
             except Exception as e:  # report every failure, then exit non-zero
                 failures += 1
                 print(f"| {fn.__name__} | {dt} | {d} | FAILED: {str(e).splitlines()[0][:80]} | |")

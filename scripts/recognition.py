@@ -40,8 +40,8 @@ def _sparse_attention(pipe, spec: str):
     if method not in ("topk", "psa", "topp") or not value:
         raise SystemExit(f"--sparse takes topk=DENSITY, psa=DENSITY or topp=P, got {spec!r}.")
     budget = {"p" if method == "topp" else "density": float(value)}
-    return difcache.apply_sparse_attention(pipe, method=method, block_size=32, tile=(2, 4, 4), warmup_steps=0.2,
-                                           **budget)  # fmt: skip
+    return difcache.apply_sparse_attention(pipe, method, block_size=32, tile=(2, 4, 4), warmup_steps=0.2,
+                                           dense_layers=0, **budget)  # fmt: skip
 
 
 def main() -> None:

@@ -9,10 +9,16 @@ handle.remove()
 from difcache.adapters import block_adapter, register_adapter
 from difcache.api import CacheHandle, apply_cache, calibrate, remove_cache
 from difcache.attention import (
+    AdaSpaSparseConfig,
+    PSASparseConfig,
     SparseAttentionConfig,
     SparseAttentionHandle,
     SparseAttentionStats,
+    SVG2SparseConfig,
+    TopKSparseConfig,
+    TopPSparseConfig,
     apply_sparse_attention,
+    list_sparse_methods,
 )
 from difcache.config import CacheConfig
 from difcache.core import Action
@@ -35,6 +41,7 @@ from difcache.version import __version__ as __version__
 
 __all__ = [
     "Action",
+    "AdaSpaSparseConfig",
     "AlwaysComputeConfig",
     "BACConfig",
     "CacheConfig",
@@ -45,17 +52,22 @@ __all__ = [
     "DifcacheError",
     "ERTACacheConfig",
     "FORAConfig",
+    "PSASparseConfig",
     "Profile",
+    "SVG2SparseConfig",
     "SparseAttentionConfig",
     "SparseAttentionHandle",
     "SparseAttentionStats",
     "TaylorSeerConfig",
     "TeaCacheConfig",
+    "TopKSparseConfig",
+    "TopPSparseConfig",
     "apply_cache",
     "apply_sparse_attention",
     "block_adapter",
     "calibrate",
     "list_methods",
+    "list_sparse_methods",
     "register_adapter",
     "register_method",
     "remove_cache",

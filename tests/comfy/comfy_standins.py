@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 OUTER_SAMPLE, DIFFUSION_MODEL = "outer_sample", "diffusion_model"
+ON_PREPARE_STATE, ON_CLEANUP = "on_prepare_state", "on_cleanup"
 
 
 # ---------------------------------------------------------------------------------------------- wrappers
@@ -83,14 +84,34 @@ class ModelPatcher:
         self.model = model
         self.model_options = {"transformer_options": {}}
         self.wrappers = {}
+        self.callbacks = {}
         self.object_patches = {}
 
     def clone(self):
         n = ModelPatcher(self.model)
         n.model_options = copy.deepcopy(self.model_options)
         n.wrappers = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in self.wrappers.items()}
+        n.callbacks = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in self.callbacks.items()}
         n.object_patches = dict(self.object_patches)
         return n
+
+    def add_callback_with_key(self, call_type, key, callback):
+        self.callbacks.setdefault(call_type, {}).setdefault(key, []).append(callback)
+
+    def remove_callbacks_with_key(self, call_type, key):
+        self.callbacks.get(call_type, {}).pop(key, None)
+
+    def get_all_callbacks(self, call_type):
+        return [c for cs in self.callbacks.get(call_type, {}).values() for c in cs]
+
+    def prepare_state(self, timestep, model_options):
+        """ComfyUI's ``ModelPatcher.prepare_state`` (current versions pass the sampler's ``model_options``)."""
+        for callback in self.get_all_callbacks(ON_PREPARE_STATE):
+            callback(self, timestep, model_options)
+
+    def cleanup(self):
+        for callback in self.get_all_callbacks(ON_CLEANUP):
+            callback(self)
 
     def add_wrapper_with_key(self, wrapper_type, key, wrapper):
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
@@ -140,12 +161,14 @@ class CFGGuider:
             return SAMPLERS[sampler](self, noise, sigmas, options)
         finally:
             del self.inner_model
+            self.model_patcher.cleanup()  # outer_sample's cleanup_models runs ON_CLEANUP inside OUTER_SAMPLE wrappers
 
     def predict(self, x, sigma, options):
         out = self.calc_cond_batch(x, sigma, options)
         return out[0] if len(out) == 1 else out[1] + (out[0] - out[1]) * self.cfg
 
     def calc_cond_batch(self, x, sigma, options):
+        self.model_patcher.prepare_state(sigma, options)
         indices = list(range(len(self.conds)))[::-1]
         groups = [indices] if self.batch == "batched" else [[i] for i in indices]
         out = [None] * len(self.conds)
@@ -369,7 +392,8 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(x.flatten(2).transpose(1, 2))
         e0 = self.time_projection(_time_embedding(timestep, self.dim)).unflatten(1, (6, self.dim))
         context = self.text_embedding(context)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            transformer_options["block_index"] = i  # current ComfyUI sets it before each block
             tokens = block(tokens, e=e0, freqs=None, context=context, transformer_options=transformer_options)
         return self.head(tokens).transpose(1, 2).reshape(b, c, t, h, w)
 

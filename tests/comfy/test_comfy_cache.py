@@ -179,10 +179,13 @@ def test_errors_name_the_problem_and_the_fix():
 
 # ---------------------------------------------------------------------------------------------- sparse attention
 VIDEO = (1, 4, 4, 8, 8)  # 256 video tokens: 16 blocks of 16
+OVERRIDE = "optimized_attention_override"
 
 
-def sparse(patcher, **settings):
-    return patch_sparse_attention(patcher, block_size=16, backend="torch", **settings)
+def sparse(patcher, method="topk", **settings):
+    """Sparse attention on every step and block unless the test says otherwise."""
+    return patch_sparse_attention(patcher, method, **{"block_size": 16, "backend": "torch", "warmup_steps": 0,
+                                                      "dense_layers": 0, **settings})  # fmt: skip
 
 
 def sparse_stats(patcher):
@@ -192,9 +195,9 @@ def sparse_stats(patcher):
 def test_sparse_attention_saves_work_and_a_dense_pattern_is_exact():
     base = S.make_patcher("wan")
     ref = S.sample(base, "wan", steps=6, shape=VIDEO)
-    dense = S.sample(sparse(base, method="topp", p=1.0), "wan", steps=6, shape=VIDEO)
+    dense = S.sample(sparse(base, "topp", p=1.0), "wan", steps=6, shape=VIDEO)
     assert torch.allclose(dense, ref, atol=1e-5)
-    patched = sparse(base, method="topk", density=0.25, warmup_steps=2)
+    patched = sparse(base, "topk", density=0.25, warmup_steps=2)
     out = S.sample(patched, "wan", steps=6, shape=VIDEO)
     stats = sparse_stats(patched)
     assert stats.sparse_calls == 4 * 3 and stats.dense_calls == {"warmup": 2 * 3}  # 3 blocks, batched cond+uncond
@@ -202,10 +205,10 @@ def test_sparse_attention_saves_work_and_a_dense_pattern_is_exact():
     self_attn = [b.self_attn for b in base.model.diffusion_model.blocks]
     assert all(not a._forward_pre_hooks and not a._forward_hooks for a in self_attn)
     assert not base.model.diffusion_model._forward_pre_hooks and leftovers(base.model) == []
-    assert base.model_options == {"transformer_options": {}} and base.wrappers == {}
+    assert base.model_options == {"transformer_options": {}} and base.wrappers == {} and base.callbacks == {}
 
 
-def test_sparse_attention_passes_other_calls_to_an_existing_override():
+def test_sparse_attention_chains_an_override_that_was_there_before():
     seen = []
 
     def other(func, *args, **kwargs):
@@ -213,17 +216,105 @@ def test_sparse_attention_passes_other_calls_to_an_existing_override():
         return func(*args, **kwargs)
 
     base = S.make_patcher("wan")
-    base.model_options["transformer_options"]["optimized_attention_override"] = other
-    patched = sparse(base, method="topk", density=0.25)
+    base.model_options["transformer_options"][OVERRIDE] = other
+    patched = sparse(base, "topk", density=0.25)
+    ours = patched.model_options["transformer_options"][OVERRIDE]
+    assert ours is not other and ours.difcache_sparse  # installed on top when the node runs, chaining `other`
+    assert base.model_options["transformer_options"][OVERRIDE] is other  # the input model is untouched
     S.sample(patched, "wan", steps=3, shape=VIDEO)
     assert seen == [4] * 3 * 3  # only cross-attention reached it; self-attention was sparse
-    assert patched.model_options["transformer_options"]["optimized_attention_override"] is other
+    assert sparse_stats(patched).sparse_calls == 3 * 3
+
+
+def comfy_style_node(base, take_self_attention_on):
+    """A stand-in for ComfyUI's own block-sparse node (comfy_extras/nodes_sparse_attention.py): it chains the
+    current override at patch time and re-installs itself on ON_PREPARE_STATE; it takes self-attention on the
+    steps in ``take_self_attention_on`` (its sigma window) and hands everything else down the chain."""
+    calls = {"taken": 0, "passed": 0}
+    installed = []
+    step = {"i": -1}
+
+    def install(options):
+        current = options.get(OVERRIDE)
+        if current in installed:
+            return
+        previous = current
+
+        def override(func, *args, **kwargs):
+            if args[1].shape[1] == 256 and step["i"] in take_self_attention_on:
+                calls["taken"] += 1
+                return S._attention(*args[:3], kwargs["heads"])
+            calls["passed"] += 1
+            return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+
+        installed.append(override)
+        options[OVERRIDE] = override
+
+    def on_prepare_state(patcher, timestep, model_options):
+        step["i"] += 1  # the stand-in sampler prepares once per step
+        install(model_options["transformer_options"])
+
+    m = base.clone()
+    install(m.model_options["transformer_options"])
+    m.add_callback_with_key(S.ON_PREPARE_STATE, "block_sparse_attention", on_prepare_state)
+    return m, calls
+
+
+@pytest.mark.parametrize("order", ["difcache_first", "comfy_first"])
+def test_sparse_attention_composes_with_comfyuis_block_sparse_node(order):
+    base = S.make_patcher("wan")
+    if order == "difcache_first":
+        patched, calls = comfy_style_node(sparse(base, "topk", density=0.25), take_self_attention_on={0, 1})
+    else:
+        other, calls = comfy_style_node(base, take_self_attention_on={0, 1})
+        patched = sparse(other, "topk", density=0.25)
+    out = S.sample(patched, "wan", steps=6, shape=VIDEO)
+    stats = sparse_stats(patched)
+    assert torch.isfinite(out).all()
+    # every self-attention call is made once: by the other node (steps 0, 1 when it is on top) or by difcache
+    assert calls["taken"] + stats.sparse_calls == 6 * 3 and stats.sparse_calls >= 4 * 3
+    assert leftovers(base.model) == [] and base.model_options == {"transformer_options": {}}
+
+
+def test_sparse_attention_comes_back_after_a_node_that_replaces_the_override():
+    base = S.make_patcher("wan")
+    patched = sparse(base, "topk", density=0.25)
+    patched.model_options["transformer_options"][OVERRIDE] = lambda func, *a, **kw: func(*a, **kw)  # no chaining
+    S.sample(patched, "wan", steps=4, shape=VIDEO)
+    assert sparse_stats(patched).sparse_calls == 4 * 3  # re-installed on top on the first ON_PREPARE_STATE
+
+
+def test_sparse_attention_gates_by_sigma_and_keeps_listed_blocks_and_short_sequences_dense():
+    base = S.make_patcher("wan")
+    patched = SPARSE_ATTENTION.run(model=base, method="topk", density=0.25, start_percent=0.3, end_percent=1.0,
+                                   dense_blocks="1", min_tokens=0)[0]  # fmt: skip
+    S.sample(patched, "wan", steps=8, shape=VIDEO)
+    stats = sparse_stats(patched)
+    window = [s for s in range(8) if S.ModelSamplingFlow().sigmas(8)[s] <= S.ModelSamplingFlow().percent_to_sigma(0.3)]
+    assert stats.dense_calls["dense_block"] == 8 and stats.sparse_calls == len(window) * 2
+    assert stats.dense_calls["sigma"] == (8 - len(window)) * 2 and 0 < len(window) < 8
+    short = SPARSE_ATTENTION.run(model=base, method="psa", min_tokens=1024)[0]  # 256 tokens: dense
+    S.sample(short, "wan", steps=3, shape=VIDEO)
+    assert sparse_stats(short).sparse_calls == 0 and sparse_stats(short).dense_calls.get("short", 0) > 0
+
+
+@pytest.mark.parametrize("method", ["svg2", "adaspa", "psa"])
+def test_every_method_runs_through_the_node(method):
+    base = S.make_patcher("wan")
+    video = (1, 4, 4, 16, 32)  # 2048 tokens: 16 blocks of the node's 128
+    ref = S.sample(base, "wan", steps=6, shape=video)
+    patched = SPARSE_ATTENTION.run(model=base, method=method, density=0.3, p=0.8, start_percent=0.0,
+                                   dense_blocks="", min_tokens=0)[0]  # fmt: skip
+    out = S.sample(patched, "wan", steps=6, shape=video)
+    stats = sparse_stats(patched)
+    assert stats.sparse_calls > 0 and stats.sparse_work < 0.8 and 0 < rel_err(out, ref, "wan", video) < 0.5, stats
 
 
 def test_sparse_attention_stacked_with_the_cache_shares_the_steps():
     base = S.make_patcher("wan")
-    both = APPLY_CACHE.run(model=SPARSE_ATTENTION.run(model=base, method="topk", density=0.5)[0], method="fora",
-                           interval=2)[0]  # fmt: skip
+    node = SPARSE_ATTENTION.run(model=base, method="topk", density=0.5, start_percent=0.0, dense_blocks="",
+                                min_tokens=0)[0]  # fmt: skip
+    both = APPLY_CACHE.run(model=node, method="fora", interval=2)[0]
     S.sample(both, "wan", steps=6, shape=VIDEO)
     assert last_stats(both).totals()["reuse"] > 0
     computed_self_attn = last_stats(both).units[0].compute * 3  # FORA's schedule is the same for every unit
@@ -234,8 +325,10 @@ def test_sparse_attention_stacked_with_the_cache_shares_the_steps():
 def test_sparse_attention_errors_on_the_node(monkeypatch):
     with pytest.raises(DifcacheError, match="supports ComfyUI's WanModel, not Flux"):
         SPARSE_ATTENTION.run(model=S.make_patcher("flux"), method="psa")
-    with pytest.raises(DifcacheError, match="density"):
-        patch_sparse_attention(S.make_patcher("wan"), method="topk")
+    with pytest.raises(DifcacheError, match="density must be"):
+        patch_sparse_attention(S.make_patcher("wan"), "topk", density=0)
+    with pytest.raises(DifcacheError, match="'0, 1, 47-49'"):
+        SPARSE_ATTENTION.run(model=S.make_patcher("wan"), method="psa", dense_blocks="first")
     monkeypatch.setitem(sys.modules, "difcache.attention.runtime", None)  # as if this install lacked it
     with pytest.raises(DifcacheError, match="sparse attention is not available"):
         SPARSE_ATTENTION.run(model=S.make_patcher("wan"), method="psa")

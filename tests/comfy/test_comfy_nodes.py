@@ -3,7 +3,9 @@
 import asyncio
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import types
 
@@ -11,7 +13,9 @@ import comfy_standins as S
 import pytest
 import torch
 
+import difcache
 import difcache.comfy as pack
+from difcache.comfy.nodes import NODES
 from difcache.comfy.registration import WIDGETS, v3_entrypoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "comfyui"
@@ -190,3 +194,31 @@ def test_stand_in_models_use_comfyui_class_names():
     blocks = {type(m).__name__ for f in ("flux", "wan", "unet") for m in S.make_patcher(f).model.modules()}
     assert {"DoubleStreamBlock", "SingleStreamBlock", "WanAttentionBlock", "BasicTransformerBlock"} <= blocks
     assert torch.is_tensor(S.inputs("flux")[0])
+
+
+@pytest.mark.parametrize("how", ["registered_as_difcache", "custom_nodes_on_sys_path"])
+def test_the_pack_loads_even_in_a_folder_named_difcache(tmp_path, how):
+    """Loaders that register a custom-node folder under its own name (or put custom_nodes on sys.path) would make
+    a folder called ``difcache`` shadow the real package; the entry point steps aside and all nodes load."""
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "difcache").symlink_to(ROOT, target_is_directory=True)
+    src = pathlib.Path(difcache.__file__).resolve().parents[1]
+    script = f"""
+import importlib.util, sys
+sys.path.insert(0, {str(src)!r})
+if {how!r} == "custom_nodes_on_sys_path":
+    sys.path.insert(0, {str(custom_nodes)!r})
+spec = importlib.util.spec_from_file_location("difcache", {str(custom_nodes / "difcache" / "__init__.py")!r},
+                                              submodule_search_locations=[{str(custom_nodes / "difcache")!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["difcache"] = pack  # what such a loader does before running the module
+spec.loader.exec_module(pack)
+import difcache
+assert hasattr(difcache, "apply_cache"), difcache
+print(len(pack.NODE_CLASS_MAPPINGS))
+"""
+    env = {**os.environ, "DIFCACHE_COMFY_V1": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(len(NODES))

@@ -53,6 +53,8 @@ def comfy():
 
 def build(comfy, family):
     name, _, config = CONFIGS[family]
+    if family == "flux" and "txt_ids_dims" in flux_param_names(comfy):
+        config = {**config, "txt_ids_dims": []}  # FLUX.1: text ids all zero (current ComfyUI requires the field)
     model_config = getattr(comfy.supported_models, name)(config)
     model_config.set_inference_dtype(torch.float32, None)
     torch.manual_seed(0)
@@ -62,6 +64,15 @@ def build(comfy, family):
             p.normal_(0, 0.05)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def flux_param_names(comfy):
+    """The fields of the installed ComfyUI's ``FluxParams`` (``txt_ids_dims`` appeared after Oct 2025)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    return {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
 
 
 def sample(comfy, patcher, family, steps=12, sampler="euler", shape=None):
@@ -106,9 +117,10 @@ def test_sparse_attention_on_real_comfyui_wan(comfy):
     base = build(comfy, "wan")
     video = (1, 16, 4, 16, 16)
     ref = sample(comfy, base, "wan", steps=6, shape=video)
-    dense = patch_sparse_attention(base, method="topp", p=1.0, block_size=16, backend="torch")
+    everywhere = dict(block_size=16, backend="torch", warmup_steps=0, dense_layers=0)
+    dense = patch_sparse_attention(base, method="topp", p=1.0, **everywhere)
     assert torch.allclose(sample(comfy, dense, "wan", steps=6, shape=video), ref, atol=1e-4)
-    patched = patch_sparse_attention(base, method="topk", density=0.3, block_size=16, backend="torch")
+    patched = patch_sparse_attention(base, method="topk", density=0.3, **everywhere)
     out = sample(comfy, patched, "wan", steps=6, shape=video)
     stats = patched.wrappers["outer_sample"]["difcache_sparse_attention"][0].last_stats
     assert stats.sparse_calls == 6 * 3 and stats.attention_work < 0.6

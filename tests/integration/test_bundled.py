@@ -215,15 +215,17 @@ def test_sparse_attention_on_the_trained_video_model():
         "topp": {"method": "topp", "p": 0.9},
     }
     for name, setting in settings.items():
-        with difcache.apply_sparse_attention(pipe, block_size=32, tile=(2, 4, 4), warmup_steps=0.2, **setting):
+        with difcache.apply_sparse_attention(pipe, block_size=32, tile=(2, 4, 4), warmup_steps=0.2, dense_layers=0,
+                                             **setting):  # fmt: skip
             out = run()
         scores[name] = psnr(clip_frames(out), clip_frames(dense))
         if name == "full":
             assert torch.allclose(out, dense, atol=1e-5)
-    # floors 1.4-1.7 dB under the shipped model's 16.9 (top-k) / 20.2 (PSA) / 23.2 (top-p) dB (36-min recipe of
-    # 2026-12-02; the 50-min model of the same day read 17.4 / 20.5 / 23.3, the one before 19.0 / 20.6 / 23.7, when
-    # the top-k floor was 17). PSA beats top-k on this model (and at 30 steps, BENCHMARKS.md) but did not on an
-    # earlier one: not asserted, it is the model's.
-    assert scores["topk"] > 15.5 and scores["psa"] > 18.5 and scores["topp"] > 21.5, scores
+    # floors 1.4-1.7 dB under the shipped model's 16.9 (top-k) / 21.7 (PSA) / 23.2 (top-p) dB (36-min recipe of
+    # 2026-12-02; PSA read 20.2 with the pooled estimate, before PSA's own sampled estimate became its default; the
+    # 50-min model of the same day read 17.4 / 20.5 / 23.3, the one before 19.0 / 20.6 / 23.7, when the top-k floor
+    # was 17). PSA beats top-k on this model (and at 30 steps, BENCHMARKS.md) but did not on an earlier one: not
+    # asserted, it is the model's. dense_layers=0 keeps the floors' setting (the default keeps layer 0 dense).
+    assert scores["topk"] > 15.5 and scores["psa"] > 20.0 and scores["topp"] > 21.5, scores
     assert scores["topp"] > scores["topk_half"] > scores["topk"], scores  # work ~0.6 > 0.5 > 0.25
     assert torch.equal(run(), dense)  # removal restores dense attention exactly

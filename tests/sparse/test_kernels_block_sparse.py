@@ -16,6 +16,8 @@ from difcache.kernels import (
     block_sparse_attention_reference,
     block_sparse_attention_torch,
     cpu_extension,
+    range_sparse_attention_cpp,
+    range_sparse_attention_reference,
     resolve_backend,
 )
 from difcache.kernels.flex import block_mask_of
@@ -202,3 +204,100 @@ def test_backend_choice_by_device_and_override():
         resolve_backend("flex", cpu, pyramid=True, n_tokens=10)
     with pytest.raises(DifcacheError, match="one of"):
         resolve_backend("cuda-magic", cpu, pyramid=False, n_tokens=10)
+
+
+# ---------------------------------------------------------------------------------------------- padded layouts
+def random_block_len(n, block, seed):
+    """Per-block real-token counts of a padded layout over ``n`` positions (each block holds >= 1 token)."""
+    g = torch.Generator().manual_seed(seed)
+    m = math.ceil(n / block)
+    lengths = torch.randint(1, block + 1, (m,), generator=g)
+    lengths[-1] = min(int(lengths[-1]), n - (m - 1) * block)
+    return lengths
+
+
+def compact_reference(q, k, v, idx, cnt, block, block_len):
+    """Attention over the real tokens only (padding dropped), with the token mask of the listed blocks."""
+    n = q.shape[2]
+    pos = torch.arange(n)
+    real = pos % block < block_len[pos // block]
+    blk = (pos // block)[real]
+    m = block_len.numel()
+    table = torch.zeros(*idx.shape[:3], m, dtype=torch.bool)
+    for b in range(idx.shape[0]):
+        for h in range(idx.shape[1]):
+            for i in range(m):
+                table[b, h, i, idx[b, h, i, : cnt[b, h, i]].long()] = True
+    mask = table[:, :, blk][:, :, :, blk]
+    h = q.shape[1]
+    kk, vv = (x.repeat_interleave(h // x.shape[1], 1) for x in (k, v))
+    out = F.scaled_dot_product_attention(q[:, :, real], kk[:, :, real], vv[:, :, real], attn_mask=mask)
+    return out, real
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "cpp", "flex"])
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(20, 300), block=st.sampled_from([16, 32, 64]), group=st.sampled_from([1, 2]),
+       seed=st.integers(0, 10_000))  # fmt: skip
+def test_padded_layout_attends_to_real_tokens_only(impl, n, block, group, seed):
+    if impl == "cpp" and cpu_extension.load() is None:
+        pytest.skip("the C++ CPU kernel could not be built here")
+    fn = {
+        "reference": block_sparse_attention_reference,
+        "torch": block_sparse_attention_torch,
+        "cpp": block_sparse_attention_cpp,
+        "flex": lambda *a, **kw: block_sparse_attention_flex(*a, compiled=False, **kw),
+    }[impl]
+    q, k, v = qkv(1, 2 * group, 2, n, 16, seed=seed)
+    block_len = random_block_len(n, block, seed)
+    idx, cnt = random_lists(1, 2 * group, n, block, seed=seed)
+    cnt.clamp_(min=1)
+    expected, real = compact_reference(q, k, v, idx, cnt, block, block_len)
+    out, lse = fn(q, k, v, idx, cnt, block, block_len=block_len)
+    torch.testing.assert_close(out[:, :, real], expected, atol=2e-6, rtol=1e-5)
+    assert torch.equal(out[:, :, ~real], torch.zeros_like(out[:, :, ~real]))  # padding rows: 0 and -inf
+    assert lse is None or torch.isneginf(lse[:, :, ~real]).all()
+
+
+def random_ranges(b, h, n, max_len, seed):
+    """Consecutive ranges of random lengths (0..max_len) tiling [0, n) per (batch, head)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len + 1, (b, h, n + 1), generator=g)
+    start = lengths.cumsum(-1) - lengths
+    keep = start < n
+    m = int(keep.sum(-1).max())
+    start, lengths = start[..., :m], lengths[..., :m]
+    lengths = torch.minimum(lengths, (n - start).clamp(min=0))
+    return start.clamp(max=n), lengths
+
+
+@needs_cpp
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), nq=st.integers(1, 200), nk=st.integers(1, 200),
+       max_len=st.sampled_from([3, 40, 300]), seed=st.integers(0, 10_000))  # fmt: skip
+def test_range_kernel_matches_reference(b, h, nq, nk, max_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, 16, generator=g)
+    k, v = torch.randn(b, 1, nk, 16, generator=g), torch.randn(b, 1, nk, 16, generator=g)
+    qs, ql = random_ranges(b, h, nq, max_len, seed)
+    ks, kl = random_ranges(b, h, nk, max_len, seed + 1)
+    mq, mk = qs.shape[-1], ks.shape[-1]
+    idx = torch.rand(b, h, mq, mk, generator=g).argsort(-1)
+    idx[..., : mk // 2] = idx[..., : mk // 2].sort(-1).values  # ascending runs, so adjacent ranges get merged
+    cnt = torch.randint(0, mk + 1, (b, h, mq), generator=g)
+    ref, ref_lse = range_sparse_attention_reference(q, k, v, qs, ql, ks, kl, idx, cnt, 0.3)
+    out, lse = range_sparse_attention_cpp(q, k, v, qs, ql, ks, kl, idx, cnt, 0.3, row_tile=16, col_tile=32)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_range_reference_is_attention_within_the_listed_ranges():
+    q, k, v = qkv(1, 1, 1, 10, 8)
+    qs, ql = torch.tensor([[[0, 4]]]), torch.tensor([[[4, 6]]])
+    ks, kl = torch.tensor([[[0, 3, 7]]]), torch.tensor([[[3, 4, 3]]])
+    idx, cnt = torch.tensor([[[[2, 0], [1, 0]]]]), torch.tensor([[[2, 1]]])
+    out, _ = range_sparse_attention_reference(q, k, v, qs, ql, ks, kl, idx, cnt)
+    keys0 = torch.tensor([7, 8, 9, 0, 1, 2])
+    expected0 = F.scaled_dot_product_attention(q[:, :, :4], k[:, :, keys0], v[:, :, keys0])
+    expected1 = F.scaled_dot_product_attention(q[:, :, 4:], k[:, :, 3:7], v[:, :, 3:7])
+    torch.testing.assert_close(out, torch.cat([expected0, expected1], 2), atol=1e-6, rtol=1e-5)

@@ -87,3 +87,23 @@ def test_half_precision_torch_path():
     out, _ = pyramid_sparse_attention_torch(q.half(), k.half(), v.half(), idx, cnt, lvl, 64)
     assert out.dtype == torch.float16
     assert (out.float() - ref).abs().max() < 5e-3
+
+
+def test_padded_layout_pools_and_attends_to_real_tokens_only():
+    """With ``block_len`` (a padded layout) padding is never pooled nor attended to, on every level."""
+    q, k, v, idx, cnt, lvl = case(1, 2, 2, 192, 16, 64, seed=6)
+    block_len = torch.tensor([64, 37, 10])
+    cnt.clamp_(min=1)
+    real = torch.arange(192) % 64 < block_len[torch.arange(192) // 64]
+    noise = torch.randn(1, 2, 192, 16) * 100  # garbage in the padding must not change anything
+    kn, vn = torch.where(real[:, None], k, noise), torch.where(real[:, None], v, noise)
+    ref, ref_lse = pyramid_sparse_attention_reference(q, k, v, idx, cnt, lvl, 64, block_len=block_len)
+    for kk, vv in ((k, v), (kn, vn)):
+        for fn in (pyramid_sparse_attention_reference, pyramid_sparse_attention_torch):
+            out, lse = fn(q, kk, vv, idx, cnt, lvl, 64, block_len=block_len)
+            torch.testing.assert_close(out, ref, atol=3e-6, rtol=1e-5)
+            torch.testing.assert_close(lse, ref_lse, atol=3e-6, rtol=1e-5)
+    assert torch.isneginf(ref_lse[:, :, ~real]).all()
+    full, _ = block_sparse_attention_reference(q, k, v, idx, cnt, 64, block_len=block_len)
+    level0, _ = pyramid_sparse_attention_torch(q, kn, vn, idx, cnt, torch.zeros_like(lvl), 64, block_len=block_len)
+    torch.testing.assert_close(level0, full, atol=3e-6, rtol=1e-5)

@@ -111,6 +111,22 @@ def test_density_one_is_dense_sdpa(n):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kernel", ["block", "pyramid"])
+def test_padded_layout_matches_reference(kernel):
+    q, k, v, idx, cnt, lvl = case(1, 2, 1, 200, 32, 64, seed=5)
+    cnt.clamp_(min=1)
+    block_len = torch.tensor([64, 20, 1, 8])
+    if kernel == "block":
+        ref, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, 64, block_len=block_len)
+        out, lse = block_sparse_attention(q, k, v, idx, cnt, 64, block_len=block_len)
+    else:
+        ref, ref_lse = pyramid_sparse_attention_reference(q, k, v, idx, cnt, lvl, 64, block_len=block_len)
+        out, lse = pyramid_sparse_attention(q, k, v, idx, cnt, lvl, 64, block_len=block_len)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
 def test_density_zero_gives_zero():
     q, k, v, idx, _, lvl = case(1, 1, 1, 100, 16, 16, seed=0)
     cnt = torch.zeros(idx.shape[:3], dtype=torch.int32)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from difcache.attention.config import SparseAttentionConfig
+from difcache.attention.config import SparseAttentionConfig, resolve_sparse_config
 from difcache.attention.processors import attention_modules, family_of
 from difcache.attention.runtime import SparseAttentionStats, SparseRuntime
 from difcache.engine.steps import StepTracker
@@ -36,7 +36,7 @@ class SparseAttentionHandle:
         self.family = family_of(model)
         modules = attention_modules(model, self.family)
         self._tracker = StepTracker.attach(model, scheduler=scheduler)
-        self._runtime = SparseRuntime(config, self._tracker)
+        self._runtime = SparseRuntime(config, self._tracker, num_layers=len(modules))
         self._originals = [(attn, attn.processor) for attn in modules]
         for layer, attn in enumerate(modules):
             attn.set_processor(self.family.processor(attn.processor, self._runtime, layer))
@@ -97,37 +97,31 @@ class SparseAttentionHandle:
 
 
 def apply_sparse_attention(
-    pipe: Any, config: SparseAttentionConfig | None = None, **settings: Any
+    target: Any, method: str | SparseAttentionConfig = "topp", **overrides: Any
 ) -> SparseAttentionHandle:
-    """Make the self-attention of a video DiT (or FLUX) block-sparse; returns a removable handle.
+    """Make the self-attention of a video DiT (or FLUX) sparse; returns a removable handle.
 
-    ``pipe`` is a diffusers pipeline (its scheduler then gives exact step indices) or its transformer.
-    Settings are a :class:`SparseAttentionConfig` or its fields as keywords::
+    Args:
+        target: a diffusers pipeline (its scheduler then gives exact step indices) or its transformer.
+        method: a method name (``difcache.attention.list_sparse_methods()``: ``"topp"``, ``"topk"``, ``"psa"``,
+            ``"adaspa"``, ``"svg2"``), which takes that method's config defaults, or a config instance such as
+            ``difcache.attention.PSASparseConfig(density=0.15)``.
+        **overrides: config fields to override, validated (an unknown field or a value out of range raises,
+            naming the field and its range).
 
-        handle = apply_sparse_attention(pipe, method="psa", density=0.2)
-        handle = apply_sparse_attention(pipe, method="topp", p=0.9, warmup_steps=0.2, dense_layers=1)
+    ::
+
+        handle = apply_sparse_attention(pipe, "psa", density=0.2)
+        handle = apply_sparse_attention(pipe, "svg2", p=0.9, warmup_steps=0.25)
+        handle = apply_sparse_attention(pipe, "topk", density=0.15, search_steps=(0.25, 0.6))  # AdaSpa's schedule
         frames = pipe(...).frames
         print(handle.stats())
         handle.remove()
 
     Composes with :func:`difcache.apply_cache` on the same pipeline, in either order.
     """
-    if config is not None and settings:
-        raise DifcacheError(
-            f"Pass either a SparseAttentionConfig or keyword settings, not both (got {sorted(settings)}); "
-            "use dataclasses.replace(config, ...) to change a config."
-        )
-    if config is None:
-        try:
-            config = SparseAttentionConfig(**settings)
-        except TypeError as e:
-            if "unexpected keyword" not in str(e):
-                raise
-            names = ", ".join(SparseAttentionConfig.__dataclass_fields__)
-            raise DifcacheError(f"{e}; SparseAttentionConfig fields are: {names}.") from None
-    elif not isinstance(config, SparseAttentionConfig):
-        raise DifcacheError(f"Expected a SparseAttentionConfig, got {type(config).__name__}.")
-    model, scheduler = _denoiser_of(pipe)
+    config = resolve_sparse_config(method, overrides)
+    model, scheduler = _denoiser_of(target)
     existing = getattr(model, _HANDLE_ATTR, None)
     if existing is not None and existing.active:
         raise DifcacheError(

@@ -6,13 +6,20 @@ tiles (e.g. 2 x 8 x 8 = 128 tokens) first makes every attention block a compact 
 whose pooled query/key summarises it well and whose attention pattern is block-local (the tiling of STA,
 Zhang et al., arXiv:2502.04507, and of PSA's ``[2, 8, 8]`` tiles; Kandinsky 5's NABLA uses 1 x 8 x 8).
 
-Grids that the tile does not divide keep smaller tiles at their far edges: the permutation is a bijection
-of the same N tokens (no padding tokens enter the model), so ``from_tiles(to_tiles(x))`` is ``x`` bit for bit.
+Grids that the tile does not divide keep smaller tiles at their far edges (Wan 480p, grid 21 x 30 x 52, with
+2 x 8 x 8 tiles: every tile row ends in a 4-wide tile). Blocking such a sequence in runs of ``block_size`` would
+let blocks straddle tiles, so :func:`tile_layout` *pads*: whole tiles are packed into blocks (a tile never
+split over two blocks when it fits in one; a larger tile fills whole blocks of its own), each block holding its
+real tokens first and padding after, and the kernels read only the real ones (``block_len``). Where the tile
+divides the grid (and its volume fits the block size) nothing is padded and the layout is the plain tile
+permutation. Padding never enters the model: it exists only inside the attention call, and
+``layout.scatter(layout.gather(x))`` is ``x`` bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -68,3 +75,104 @@ def first_frame_blocks(
     blocks = torch.zeros(n_blocks, dtype=torch.bool, device=device)
     blocks[positions // block_size] = True
     return blocks
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where each video token sits in a (maybe padded) tiled sequence of ``n_padded`` positions.
+
+    ``index [n_padded]``: the raster token at each position, ``-1`` for padding; ``inverse [N]``: the position of
+    each raster token; ``block_len [M]``: real tokens per block (``None`` when nothing is padded).
+    """
+
+    index: torch.Tensor
+    inverse: torch.Tensor
+    block_len: torch.Tensor | None
+    block_size: int
+
+    @property
+    def n_padded(self) -> int:
+        return self.index.numel()
+
+    @property
+    def padded_fraction(self) -> float:
+        """The share of positions that are padding (0 when the tile divides the grid)."""
+        return 1.0 - self.inverse.numel() / max(self.n_padded, 1)
+
+    def gather(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """Raster order -> this layout along ``dim``; padding positions hold zeros."""
+        if self.block_len is None:
+            return x.index_select(dim, self.index)
+        out = x.index_select(dim, self.index.clamp(min=0))
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return out * (self.index >= 0).view(shape).to(x.dtype)
+
+    def scatter(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This layout -> raster order along ``dim`` (padding dropped): the exact inverse of :meth:`gather`."""
+        return x.index_select(dim, self.inverse)
+
+    def first_frame_blocks(self, frame_tokens: int) -> torch.Tensor:
+        """``[M]`` bool: blocks holding any token of frame 0 (the first ``frame_tokens`` raster tokens)."""
+        m = -(-self.n_padded // self.block_size)
+        hits = (self.index >= 0) & (self.index < frame_tokens)
+        blocks = torch.zeros(m, dtype=torch.bool, device=self.index.device)
+        blocks[torch.nonzero(hits).flatten() // self.block_size] = True
+        return blocks
+
+
+@functools.lru_cache(maxsize=64)
+def tile_layout(
+    grid: tuple[int, int, int],
+    tile: tuple[int, int, int] | None,
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> TileLayout:
+    """The tiled layout of ``grid`` in which no block straddles two tiles (cached per arguments).
+
+    Tiles are visited in raster order. A tile with at most ``block_size`` tokens goes whole into the current
+    block if it fits, else into a new one (the rest of the current block becomes padding); a larger tile fills
+    ``ceil(size / block_size)`` blocks of its own. ``tile=None`` is raster order, unpadded.
+    """
+    t, h, w = grid
+    n = t * h * w
+    if tile is None:
+        ar = torch.arange(n)
+        return TileLayout(ar.to(device), ar.to(device), None, block_size)
+    perm, _ = tile_permutation(grid, tile)
+    tt, th, tw = tile
+    sizes = [
+        min(tt, t - a) * min(th, h - b) * min(tw, w - c)
+        for a in range(0, t, tt)
+        for b in range(0, h, th)
+        for c in range(0, w, tw)
+    ]  # tiles in raster order, as tile_permutation visits them
+    starts, fill, pos = [], 0, 0  # the padded position where each tile begins
+    for size in sizes:
+        if size > block_size:  # a big tile starts a block and pads its last one
+            pos += (-pos) % block_size
+            starts.append(pos)
+            pos += size
+            pos += (-pos) % block_size
+            fill = 0
+            continue
+        fill = pos % block_size
+        if fill and fill + size > block_size:
+            pos += block_size - fill
+        starts.append(pos)
+        pos += size
+    n_padded = pos
+    tile_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    first = torch.tensor(sizes).cumsum(0) - torch.tensor(sizes)
+    position = torch.tensor(starts)[tile_of] + (torch.arange(n) - first[tile_of])  # padded slot of tiled token i
+    index = torch.full((n_padded,), -1, dtype=torch.long)
+    index[position] = perm
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[perm] = position
+    m = -(-n_padded // block_size)
+    counts = torch.zeros(m, dtype=torch.long).index_add_(0, position // block_size, torch.ones(n, dtype=torch.long))
+    padded_inside = bool((index[: (m - 1) * block_size] < 0).any()) if m > 1 else False
+    if not padded_inside:  # only a short last block: the kernels handle that without lengths
+        index = index[:n]
+        counts = None
+    return TileLayout(index.to(device), inverse.to(device), None if counts is None else counts.to(device), block_size)

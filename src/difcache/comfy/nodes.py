@@ -24,7 +24,8 @@ log = logging.getLogger("difcache.comfy")
 
 CATEGORY = "difcache"
 PIPE = "DIFCACHE_PIPE"
-SPARSE_METHODS = ("psa", "topk", "topp")
+SPARSE_METHODS = ("psa", "topk", "topp", "svg2", "adaspa")
+_USES_P = ("topp", "svg2")
 
 _INTERVAL = Field(
     "interval",
@@ -60,11 +61,13 @@ def _apply_cache(model: Any, method: str, interval: int = -1, order: int = -1, w
     return (patch_cache(model, spec),)
 
 
-def _sparse_attention(model: Any, method: str, density: float = 0.2, p: float = 0.9, warmup_steps: float = 0.0,
-                      dense_layers: int = 0) -> tuple:  # fmt: skip
-    budget = {"p": p} if method == "topp" else {"density": density}
-    settings = {"method": method, "warmup_steps": warmup_steps, "dense_layers": dense_layers, **budget}
-    return (patch_sparse_attention(model, **settings),)
+def _sparse_attention(model: Any, method: str, density: float = 0.2, p: float = 0.9, start_percent: float = 0.25,
+                      end_percent: float = 1.0, dense_blocks: str = "0", min_tokens: int = 12288) -> tuple:  # fmt: skip
+    budget = {"p": p} if method in _USES_P else {"density": density}
+    # the sigma window and the listed blocks replace the config's step-based warm-up and dense layers
+    schedule = {} if method == "adaspa" else {"warmup_steps": 0}
+    settings = {**budget, **schedule, "dense_layers": 0, "min_tokens": min_tokens}
+    return (patch_sparse_attention(model, method, start_percent, end_percent, dense_blocks, **settings),)
 
 
 APPLY_CACHE = NodeDef(
@@ -107,23 +110,31 @@ SPARSE_ATTENTION = NodeDef(
     "DifcacheSparseAttention",
     "difcache Sparse Attention",
     CATEGORY,
-    "Block-sparse self-attention for ComfyUI's Wan video models (difcache.attention): each query block attends "
-    "only to the key blocks that carry its attention mass. Applied while the model samples; returns a patched "
-    "copy, the input is unchanged. Combines with difcache Apply Cache.",
+    "Sparse self-attention for ComfyUI's Wan video models (difcache.attention): each query block attends only to "
+    "the key blocks (or SVG2 clusters) that carry its attention mass. Chains any other attention override "
+    "(ComfyUI's Model Sparse Attention, SageAttention patches) and is re-installed every step, like ComfyUI's "
+    "own node. Returns a patched copy; the input is unchanged. Combines with difcache Apply Cache.",
     (
         Field("model", "MODEL", "A Wan 2.x video model."),
         Field(
             "method",
             "COMBO",
-            "psa: pyramid sparse attention (budget by density); topk: a density budget of "
-            "key blocks; topp: the fewest key blocks reaching attention mass p.",
+            "psa: pyramid sparse attention (budget by density); topk: a density budget of key blocks; topp: the "
+            "fewest key blocks reaching attention mass p; svg2: Sparse VideoGen 2's k-means clusters, top-p; "
+            "adaspa: exact search at 20 % and 60 % of the steps, reused in between (density budget).",
             "psa",
             options=SPARSE_METHODS,
         ),  # fmt: skip
-        Field("density", "FLOAT", "psa/topk: fraction of attention work kept.", 0.2, 0.01, 1.0, 0.01),
-        Field("p", "FLOAT", "topp: attention mass to keep (1 = dense).", 0.9, 0.01, 1.0, 0.01),
-        Field("warmup_steps", "FLOAT", "Fraction of the steps at the start kept dense.", 0.0, 0.0, 0.99, 0.01),
-        Field("dense_layers", "INT", "The first this many blocks keep dense attention.", 0, 0, 100, 1),
+        Field("density", "FLOAT", "psa/topk/adaspa: fraction of attention work kept.", 0.2, 0.01, 1.0, 0.01),
+        Field("p", "FLOAT", "topp/svg2: attention mass to keep (1 = dense).", 0.9, 0.01, 1.0, 0.01),
+        Field(
+            "start_percent", "FLOAT", "Sparse from this point of the schedule (sigma); dense before it. 0.25: the "
+            "first quarter dense, as Sparse VideoGen and PSA do.", 0.25, 0.0, 1.0, 0.01,
+        ),  # fmt: skip
+        Field("end_percent", "FLOAT", "Dense again after this point of the schedule.", 1.0, 0.0, 1.0, 0.01),
+        Field("dense_blocks", "STRING", "Blocks that always run dense, e.g. '0, 1, 28-29' (Sparse VideoGen: the "
+              "first).", "0"),  # fmt: skip
+        Field("min_tokens", "INT", "Sequences shorter than this stay dense.", 12288, 0, 1 << 20, 512),
     ),
     (Field("MODEL", "MODEL", "The model with sparse attention applied while it samples."),),
     _sparse_attention,

@@ -36,7 +36,7 @@ from difcache.adapters.layout import Block, Layout, Unit
 from difcache.comfy.adapters import ComfyAdapter, comfy_layout
 from difcache.comfy.run import OUTER_SAMPLE, add_step_wrapper, sampling_run
 from difcache.comfy.scope import ResidualBlockScope
-from difcache.comfy.sparse import ComfyWanSparse, check_supported, sparse_api
+from difcache.comfy.sparse import ComfyWanSparse, SparseOverride, check_supported, parse_blocks, sparse_api
 from difcache.config import CacheConfig
 from difcache.core import Action, Plan, StaticPolicy
 from difcache.engine.runtime import CacheRuntime
@@ -49,6 +49,7 @@ log = logging.getLogger("difcache.comfy")
 
 CACHE_KEY = "difcache_cache"
 SPARSE_KEY = "difcache_sparse_attention"
+ON_PREPARE_STATE, ON_CLEANUP = "on_prepare_state", "on_cleanup"  # comfy.patcher_extension.CallbacksMP
 _PROBE_FAMILIES = ("flux", "wan", "unet")
 
 
@@ -211,34 +212,71 @@ def patch_cache(model: Any, spec: CacheSpec) -> Any:
 # ---------------------------------------------------------------------------------------------- sparse attention
 @dataclass
 class SparseSampleWrapper:
-    """``OUTER_SAMPLE`` wrapper: difcache's sparse attention on the diffusion model for one sampling call."""
+    """``OUTER_SAMPLE`` wrapper: difcache's sparse attention on the diffusion model for one sampling call.
+
+    The override itself is installed when the node patches the model and on every ``ON_PREPARE_STATE``
+    (:class:`~difcache.comfy.sparse.SparseOverride`); this wrapper gives it the run's state (step tracker, hooks,
+    the sigma window's steps) and clears that state in a ``finally``.
+    """
 
     config: Any
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    dense_blocks: frozenset[int] = frozenset()
+    override: SparseOverride = field(default_factory=SparseOverride, compare=False)
     last_stats: Any = field(default=None, compare=False)
 
     def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         with sampling_run(executor, args, kwargs) as run:
             options = executor.class_obj.model_options.setdefault("transformer_options", {})
-            sparse = ComfyWanSparse(run.model, self.config, run.tracker, options)
+            window = None
+            if run.schedule and (self.start_percent > 0.0 or self.end_percent < 1.0):
+                sampling = _model_sampling(executor.class_obj)
+                window = active_steps(run.schedule, self.start_percent, self.end_percent, sampling)
+            sparse = ComfyWanSparse(run.model, self.config, run.tracker, window, self.dense_blocks)
+            self.override.sparse = sparse
+            self.override.install(options)
             try:
                 return executor(*args, **kwargs)
             finally:
                 self.last_stats = sparse.stats()
-                sparse.remove()
+                self.override.on_cleanup()  # ComfyUI's ON_CLEANUP may have run already, inside the sampler
                 log.info("difcache on %s: %s", type(run.model).__name__, self.last_stats)
 
 
-def patch_sparse_attention(model: Any, **settings: Any) -> Any:
-    """A clone of ``model`` that samples with difcache's sparse attention (``SparseAttentionConfig`` fields as
-    keywords); ``model`` is untouched. Fails here if the model or the settings are not supported."""
-    config_cls, _ = sparse_api()
+def patch_sparse_attention(
+    model: Any,
+    method: str = "psa",
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    dense_blocks: str = "",
+    **settings: Any,
+) -> Any:
+    """A clone of ``model`` that samples with difcache's sparse attention; ``model`` is untouched.
+
+    ``method`` and ``settings`` are those of :func:`difcache.apply_sparse_attention` (a method name and its config
+    fields); ``start_percent``/``end_percent`` gate by sigma and ``dense_blocks`` (``"0, 1, 47-49"``) keeps blocks
+    dense, as ComfyUI's own block-sparse node does. Fails here if the model or the settings are not supported.
+    """
+    resolve, _ = sparse_api()
     check_supported(model.get_model_object("diffusion_model"))
+    if not 0.0 <= start_percent < end_percent <= 1.0:
+        raise DifcacheError(
+            f"difcache Sparse Attention needs 0 <= start_percent < end_percent <= 1, got {start_percent} and "
+            f"{end_percent}; set end_percent above start_percent."
+        )
     try:
-        config = config_cls(**settings)
+        config = resolve(method, settings)
     except (TypeError, ValueError) as err:
         raise DifcacheError(f"difcache Sparse Attention: {err}") from None
+    wrapper = SparseSampleWrapper(config, start_percent, end_percent, parse_blocks(dense_blocks))
     patched = model.clone()
     patched.remove_wrappers_with_key(OUTER_SAMPLE, SPARSE_KEY)
-    patched.add_wrapper_with_key(OUTER_SAMPLE, SPARSE_KEY, SparseSampleWrapper(config))
+    patched.add_wrapper_with_key(OUTER_SAMPLE, SPARSE_KEY, wrapper)
+    wrapper.override.install(patched.model_options.setdefault("transformer_options", {}))
+    callbacks = {ON_PREPARE_STATE: wrapper.override.on_prepare_state, ON_CLEANUP: wrapper.override.on_cleanup}
+    for event, callback in callbacks.items():
+        patched.remove_callbacks_with_key(event, SPARSE_KEY)
+        patched.add_callback_with_key(event, SPARSE_KEY, callback)
     add_step_wrapper(patched)
     return patched

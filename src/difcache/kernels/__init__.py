@@ -2,7 +2,12 @@
 
 * ``block_sparse_attention*`` - attend to listed key blocks (:mod:`.block_sparse_attention`);
 * ``pyramid_sparse_attention*`` - listed key blocks at pooled levels of detail, PSA (:mod:`.pyramid_sparse_attention`);
-* ``block_sparse_attention_flex`` - the same through compiled FlexAttention (:mod:`.flex`).
+* ``block_sparse_attention_flex`` - the same through compiled FlexAttention (:mod:`.flex`);
+* ``range_sparse_attention*`` - query and key *ranges* of any length (variable blocks: Sparse VideoGen 2's
+  clusters, tile-aligned blocks), the C++ CPU kernel and its dense reference.
+
+Block layouts may be *padded* (``block_len``: each block's real tokens first, padding after; see
+:func:`difcache.kernels._common.block_lengths`), which every block-sparse and PSA backend honours.
 
 Backends: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU block-sparse: a C++
 kernel reading K/V blocks in place, built once on first use), ``"torch"`` (gathered blocks, any device; on CPU
@@ -21,10 +26,13 @@ import difcache.kernels.cpu_extension as cpu_extension
 from difcache.errors import DifcacheError
 from difcache.kernels._common import interpreting, triton_available
 from difcache.kernels.block_sparse_attention import (
+    attention_with_lse,
     block_sparse_attention,
     block_sparse_attention_cpp,
     block_sparse_attention_reference,
     block_sparse_attention_torch,
+    range_sparse_attention_cpp,
+    range_sparse_attention_reference,
 )
 from difcache.kernels.flex import block_sparse_attention_flex, flex_available
 from difcache.kernels.pyramid_sparse_attention import (
@@ -37,6 +45,7 @@ BACKENDS = ("auto", "triton", "cpp", "torch", "flex", "reference")
 
 __all__ = [
     "BACKENDS",
+    "attention_with_lse",
     "block_sparse_attention",
     "block_sparse_attention_cpp",
     "block_sparse_attention_flex",
@@ -46,6 +55,8 @@ __all__ = [
     "pyramid_sparse_attention",
     "pyramid_sparse_attention_reference",
     "pyramid_sparse_attention_torch",
+    "range_sparse_attention_cpp",
+    "range_sparse_attention_reference",
     "resolve_backend",
     "sparse_attention",
     "triton_available",
@@ -90,10 +101,12 @@ def sparse_attention(
     block_size: int,
     backend: str,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch to one concrete backend (not ``"auto"``); PSA when ``kv_lvl`` is given.
 
-    Returns ``(out, lse)``; compiled flex on CPU cannot return ``lse`` and gives ``None``.
+    ``block_len [M]`` describes a padded layout (:func:`difcache.kernels._common.block_lengths`). Returns
+    ``(out, lse)``; compiled flex on CPU cannot return ``lse`` and gives ``None``.
     """
     if kv_lvl is not None:
         fn = {
@@ -101,13 +114,13 @@ def sparse_attention(
             "torch": pyramid_sparse_attention_torch,
             "reference": pyramid_sparse_attention_reference,
         }[backend]
-        return fn(q, k, v, kv_idx, kv_cnt, kv_lvl, block_size, scale)
+        return fn(q, k, v, kv_idx, kv_cnt, kv_lvl, block_size, scale, block_len)
     if backend == "flex":
-        return block_sparse_attention_flex(q, k, v, kv_idx, kv_cnt, block_size, scale)
+        return block_sparse_attention_flex(q, k, v, kv_idx, kv_cnt, block_size, scale, block_len=block_len)
     fn = {
         "triton": block_sparse_attention,
         "cpp": block_sparse_attention_cpp,
         "torch": block_sparse_attention_torch,
         "reference": block_sparse_attention_reference,
     }[backend]
-    return fn(q, k, v, kv_idx, kv_cnt, block_size, scale)
+    return fn(q, k, v, kv_idx, kv_cnt, block_size, scale, block_len)

@@ -105,6 +105,45 @@ def check_lists(
         )
 
 
+def block_lengths(
+    n: int, block_size: int, block_len: torch.Tensor | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[M]`` int64: the tokens each block holds. Without ``block_len`` every block is full but a partial last one.
+
+    ``block_len`` describes a *padded* layout (:func:`difcache.attention.reorder.tile_layout`): block ``j`` holds
+    its ``block_len[j]`` real tokens at the start of positions ``[j * block_size, (j + 1) * block_size)`` and padding
+    after them, which no kernel reads as a key and whose query rows come out as 0 with LSE ``-inf``.
+    """
+    m = math.ceil(n / block_size)
+    if block_len is None:
+        starts = torch.arange(m, device=device) * block_size
+        return (n - starts).clamp(max=block_size)
+    if block_len.dim() != 1 or block_len.numel() != m:
+        raise DifcacheError(
+            f"block_len must be [M] = [{m}] (one length per block of {block_size} over {n} tokens), got "
+            f"{tuple(block_len.shape)}; build it with difcache.attention.reorder.tile_layout."
+        )
+    return block_len.to(device=device, dtype=torch.int64)
+
+
+def token_valid(n: int, block_size: int, block_len: torch.Tensor | None, device: torch.device | str = "cpu"):
+    """``[n]`` bool: positions that hold a real token (all of them without ``block_len``)."""
+    if block_len is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    pos = torch.arange(n, device=device)
+    return pos % block_size < block_lengths(n, block_size, block_len, device)[pos // block_size]
+
+
+def mask_padding_rows(
+    out: torch.Tensor, lse: torch.Tensor, block_size: int, block_len: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding rows of a padded layout get output 0 and LSE ``-inf`` (every backend agrees on them)."""
+    if block_len is None:
+        return out, lse
+    pad = ~token_valid(out.shape[2], block_size, block_len, out.device)
+    return out.masked_fill(pad[:, None], 0.0), lse.masked_fill(pad, float("-inf"))
+
+
 def listed_slots(kv_cnt: torch.Tensor, width: int) -> torch.Tensor:
     """``[..., width]`` bool: which slots of each block list are in use (slot ``< kv_cnt``)."""
     return torch.arange(width, device=kv_cnt.device) < kv_cnt[..., None]

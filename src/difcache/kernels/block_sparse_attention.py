@@ -28,14 +28,17 @@ import torch
 import difcache.kernels.cpu_extension as cpu_extension
 from difcache.errors import DifcacheError
 from difcache.kernels._common import (
+    block_lengths,
     check_launchable,
     check_lists,
     check_qkv,
     expand_kv_heads,
     jit,
     listed_slots,
+    mask_padding_rows,
     pad_blocks,
     tl,
+    token_valid,
     triton,
 )
 
@@ -44,7 +47,7 @@ _LOG2E = 1.4426950408889634
 
 @jit
 def _bsa_fwd(
-    Q, K, V, O, LSE, IDX, CNT,  # noqa: N803 - Triton kernels name pointers in capitals
+    Q, K, V, O, LSE, IDX, CNT, LEN,  # noqa: N803 - Triton kernels name pointers in capitals
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -58,10 +61,12 @@ def _bsa_fwd(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_LEN: tl.constexpr,
 ):  # fmt: skip
     """One program: ``BLOCK_M`` query rows of one (batch, head), online softmax over the listed key blocks.
 
-    Head-dim columns are contiguous (stride 1). ``qk_scale`` includes log2(e) so the softmax uses exp2.
+    Head-dim columns are contiguous (stride 1). ``qk_scale`` includes log2(e) so the softmax uses exp2. With
+    ``HAS_LEN`` (a padded layout) block ``j`` holds ``LEN[j]`` keys; the rest of it is padding, masked.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -83,11 +88,15 @@ def _bsa_fwd(
     v_base = V + b * stride_vb + hk * stride_vh
     for t in range(0, cnt):
         j = tl.load(IDX + b * stride_ib + h * stride_ih + row * stride_im + t)
+        if HAS_LEN:  # noqa: SIM108 - a constexpr branch, kept as statements for triton
+            end = tl.minimum(j * BLOCK + tl.load(LEN + j), N)
+        else:
+            end = tl.minimum(j * BLOCK + BLOCK, N)
         for sub in tl.static_range(BLOCK // BLOCK_N):
             start = j * BLOCK + sub * BLOCK_N
-            if start < N:  # sub-tiles past the end of a partial last block hold no keys
+            if start < end:  # sub-tiles past the end of a partial (or padded) block hold no keys
                 offs_n = start + tl.arange(0, BLOCK_N)
-                valid = offs_n < N
+                valid = offs_n < end
                 k = tl.load(
                     k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0
                 )
@@ -128,11 +137,13 @@ def block_sparse_attention(
     kv_cnt: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton block-sparse attention; CUDA tensors run compiled, CPU tensors only under ``TRITON_INTERPRET=1``.
 
     Head dim must be a power of two >= 16 (64 and 128 are the tuned cases). fp32 uses IEEE dots (no TF32);
     bf16 operands are upcast to fp32 in the interpreter, whose bf16 dot is wrong (triton#11584).
+    ``block_len [M]``: a padded layout (see :func:`difcache.kernels._common.block_lengths`).
     """
     interpret = check_launchable(q)
     check_qkv(q, k, v, block_size)
@@ -145,6 +156,7 @@ def block_sparse_attention(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     kv_idx = kv_idx.to(torch.int32).contiguous()
     kv_cnt = kv_cnt.to(torch.int32).contiguous()
+    lengths = None if block_len is None else block_lengths(n, block_size, block_len, q.device).to(torch.int32)
     out = torch.empty_like(q)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     block_m = min(block_size, 64) if not interpret else block_size
@@ -153,7 +165,7 @@ def block_sparse_attention(
     grid = (triton.cdiv(n, block_m), b * h)
     extra = {} if interpret else {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
     _bsa_fwd[grid](
-        q, k, v, out, lse, kv_idx, kv_cnt,
+        q, k, v, out, lse, kv_idx, kv_cnt, kv_cnt if lengths is None else lengths,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -162,9 +174,10 @@ def block_sparse_attention(
         kv_cnt.stride(0), kv_cnt.stride(1),
         h, h // k.shape[1], n, scale * _LOG2E,
         HEAD_DIM=d, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, **extra,
+        UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, HAS_LEN=lengths is not None,
+        **extra,
     )  # fmt: skip
-    return out, lse
+    return mask_padding_rows(out, lse, block_size, block_len)
 
 
 def gather_blocks(
@@ -223,6 +236,7 @@ def block_sparse_attention_torch(
     kv_cnt: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
     heads_per_chunk: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention by gathering each row's key blocks: exact, cost proportional to kept blocks.
@@ -238,9 +252,9 @@ def block_sparse_attention_torch(
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
-    valid = _valid_keys(kv_idx, kv_cnt, block_size, n)  # [B, H, M, K*S]
+    valid = _valid_keys(kv_idx, kv_cnt, block_size, n, block_len)  # [B, H, M, K*S]
     if q.device.type == "cpu":
-        return _gathered_cpu(q, k, v, kv_idx, valid, block_size, scale)
+        return mask_padding_rows(*_gathered_cpu(q, k, v, kv_idx, valid, block_size, scale), block_size, block_len)
     out = torch.empty_like(q)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     for h0 in range(0, h, heads_per_chunk):
@@ -253,7 +267,7 @@ def block_sparse_attention_torch(
         o, l_ = masked_softmax_av(s.float(), vg, valid[:, hs, :, None, :])
         out[:, hs] = o.flatten(2, 3)[:, :, :n].to(q.dtype)
         lse[:, hs] = l_.flatten(2, 3)[:, :, :n]
-    return out, lse
+    return mask_padding_rows(out, lse, block_size, block_len)
 
 
 def block_sparse_attention_cpp(
@@ -264,35 +278,131 @@ def block_sparse_attention_cpp(
     kv_cnt: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU, computed in fp32: the C++ FlashAttention-style kernel over the listed blocks, reading K and V in place
-    (``csrc/block_sparse_cpu.cpp``; built on first use). Same inputs and outputs as the other implementations."""
+    (``csrc/block_sparse_cpu.cpp``; built on first use). Same inputs and outputs as the other implementations.
+
+    Blocks are passed to the kernel as ranges (:func:`range_sparse_attention_cpp`): block ``j`` is
+    ``[j * block_size, j * block_size + len_j)``, so padding in a padded layout is never computed.
+    """
     check_qkv(q, k, v, block_size)
     check_lists(kv_idx, kv_cnt, q, k, block_size)
+    b, h, n, _ = q.shape
+    lengths = block_lengths(n, block_size, block_len)
+    starts = torch.arange(lengths.numel()) * block_size
+    start, length = (x.expand(b, h, -1) for x in (starts, lengths))
+    return range_sparse_attention_cpp(q, k, v, start, length, start, length, kv_idx, kv_cnt, scale)
+
+
+def range_sparse_attention_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    k_start: torch.Tensor,
+    k_len: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    scale: float | None = None,
+    row_tile: int = 128,
+    col_tile: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention over *ranges* of tokens on CPU (fp32, the C++ kernel): the variable-block form.
+
+    ``q [B, H, Nq, D]``, ``k``/``v [B, Hk, Nk, D]``; per (batch, head) query range ``i`` is
+    ``[q_start[b, h, i], + q_len[b, h, i])`` (``[B, H, Mq]``), key range ``j`` likewise (``[B, H, Mk]``), and
+    query range ``i`` attends to key ranges ``kv_idx[b, h, i, :kv_cnt[b, h, i]]``. Ranges may have any length
+    (Sparse VideoGen 2's clusters, tile-aligned blocks); listed ranges that follow each other in memory are merged
+    into one run by the kernel. Rows in no query range, or whose range lists nothing, give 0 and LSE ``-inf``.
+    Returns ``(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32)``.
+    """
     if q.device.type != "cpu":
-        raise DifcacheError("block_sparse_attention_cpp runs on CPU tensors; use backend='auto' on other devices.")
+        raise DifcacheError("The C++ range kernel runs on CPU tensors; use backend='auto' on other devices.")
     extension = cpu_extension.load()
     if extension is None:
         raise DifcacheError("The C++ CPU kernel could not be built (see the warning above); use backend='torch'.")
-    b, h, n, d = q.shape
-    m, width = kv_idx.shape[2:]
-    idx, cnt = kv_idx.long().contiguous(), kv_cnt.long().contiguous()
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    if k.shape[0] != b or h % k.shape[1] or k.shape != v.shape or k.shape[3] != d:
+        raise DifcacheError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not form one attention.")
+    mq, width = kv_idx.shape[2:]
+    qs, ql, ks, kl, idx, cnt = (
+        x.long().expand(b, h, *x.shape[2:]).contiguous() for x in (q_start, q_len, k_start, k_len, kv_idx, kv_cnt)
+    )
+    mk = ks.shape[2]
     listed = listed_slots(cnt, width)
-    if bool(((cnt < 0) | (cnt > width)).any() | (listed & ((idx < 0) | (idx >= m))).any()):
-        raise DifcacheError(f"kv_cnt must lie in [0, {width}] and listed kv_idx entries in [0, {m}).")
+    bad = (
+        ((cnt < 0) | (cnt > width)).any()
+        | (listed & ((idx < 0) | (idx >= mk))).any()
+        | ((qs < 0) | (ql < 0) | (qs + ql > nq)).any()
+        | ((ks < 0) | (kl < 0) | (ks + kl > nk)).any()
+    )
+    if bool(bad) or qs.shape[2] != mq or ql.shape != qs.shape or kl.shape != ks.shape:
+        raise DifcacheError(
+            f"Ranges must lie inside the sequence (q {nq}, k {nk} tokens), kv_cnt in [0, {width}] and listed kv_idx "
+            f"entries in [0, {mk}); build them from one pattern."
+        )
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
     q32, k32, v32 = (x.float().contiguous() for x in (q, k, v))
     scale = d**-0.5 if scale is None else scale
-    out, lse = extension.block_sparse_forward(q32, k32, v32, idx, cnt, block_size, float(scale))
-    lse.masked_fill_((cnt == 0).repeat_interleave(block_size, dim=-1)[..., :n], -math.inf)  # rows with no block
+    out = torch.zeros(b, h, nq, d)
+    lse = torch.full((b, h, nq), -math.inf)
+    extension.range_sparse_forward(q32, k32, v32, qs, ql, ks, kl, idx, cnt, float(scale), row_tile, col_tile, out, lse)
     return out.to(q.dtype), lse
 
 
-def _valid_keys(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
-    """``[B, H, M, K * block_size]`` bool: gathered key slots that are listed and inside the sequence."""
+def range_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    k_start: torch.Tensor,
+    k_len: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense fp32 reference of :func:`range_sparse_attention_cpp` (a token mask, one masked softmax; O(N^2))."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    q_id = _range_ids(q_start, q_len, b, h, nq)  # [B, H, Nq]: the query range of each row, -1 for none
+    k_id = _range_ids(k_start, k_len, b, h, nk)
+    mq, mk = q_start.shape[-1], k_start.shape[-1]
+    listed = listed_slots(kv_cnt.expand(b, h, -1), kv_idx.shape[-1])
+    pairs = torch.zeros((b, h, mq + 1, mk + 1), dtype=torch.bool, device=q.device)
+    pairs[:, :, :mq].scatter_(3, torch.where(listed, kv_idx.long().expand(b, h, -1, -1), mk), True)
+    pairs[..., mk] = False
+    rows = pairs.gather(2, torch.where(q_id < 0, mq, q_id)[..., None].expand(-1, -1, -1, mk + 1))
+    token_mask = rows.gather(3, torch.where(k_id < 0, mk, k_id)[:, :, None, :].expand(-1, -1, nq, -1))
+    kf, vf = expand_kv_heads(k, h).float(), expand_kv_heads(v, h).float()
+    out, lse = masked_softmax_av((q.float() @ kf.transpose(-1, -2)) * scale, vf, token_mask)
+    return out.to(q.dtype), lse
+
+
+def _range_ids(start: torch.Tensor, length: torch.Tensor, b: int, h: int, n: int) -> torch.Tensor:
+    """``[B, H, n]`` long: which range each position belongs to (-1 where none)."""
+    start, length = start.long().expand(b, h, -1), length.long().expand(b, h, -1)
+    m = start.shape[-1]
+    ids = torch.full((b, h, n + 1), -1, dtype=torch.long, device=start.device)
+    pos = start[..., None] + torch.arange(int(length.max()) if length.numel() else 0, device=start.device)
+    inside = torch.arange(pos.shape[-1], device=start.device) < length[..., None]
+    rng = torch.arange(m, device=start.device).expand(b, h, m)[..., None].expand_as(pos)
+    ids.scatter_(2, torch.where(inside, pos, n).flatten(2), torch.where(inside, rng, -1).flatten(2))
+    return ids[..., :n]
+
+
+def _valid_keys(
+    kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int, n: int, block_len: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, H, M, K * block_size]`` bool: gathered key slots that are listed and hold a real token."""
     listed = listed_slots(kv_cnt, kv_idx.shape[3])  # [B, H, M, K]
-    in_seq = kv_idx.long()[..., None] * block_size + torch.arange(block_size, device=kv_idx.device) < n
-    return (listed[..., None] & in_seq).flatten(3, 4)
+    lengths = block_lengths(n, block_size, block_len, kv_idx.device)
+    in_block = torch.arange(block_size, device=kv_idx.device) < lengths[kv_idx.long()][..., None]
+    return (listed[..., None] & in_block).flatten(3, 4)
 
 
 # Bytes of gathered K and V per chunk of query blocks on CPU: small enough to stay in the caches between the
@@ -359,6 +469,48 @@ def fused_block_attention(
     return out.reshape(shape), lse
 
 
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_bytes: int = 64 << 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention that also returns the log-sum-exp: ``(out [B, H, Nq, D] fp32, lse [B, H, Nq] fp32)``.
+
+    ``q [B, H, Nq, D]`` against ``k``/``v [B, Hk, Nk, D]``, keys masked by ``key_valid [B, Nk]`` (bool) and scores
+    scaled by ``scale`` (default ``D**-0.5``; pass the attention's own). On CPU through ATen's fused flash kernel
+    (no score tensor); elsewhere scores are formed in query chunks of at most ``chunk_bytes``, never the whole
+    ``[B, H, Nq, Nk]`` at once. Rows with no valid key give 0 and ``-inf``. Used to merge dense text columns into a
+    sparse video result exactly, and for AdaSpa's exact search.
+    """
+    b, h, nq, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    k, v = expand_kv_heads(k, h).float(), expand_kv_heads(v, h).float()
+    bias = None
+    if key_valid is not None:
+        bias = torch.zeros(key_valid.shape, device=q.device).masked_fill_(~key_valid.to(torch.bool), -math.inf)
+        bias = bias[:, None, None, :]
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k, v, attn_mask=bias, scale=scale
+        )
+        if key_valid is not None:
+            empty = ~key_valid.to(torch.bool).any(dim=-1)  # ATen gives lse 0 for a row with no valid key
+            lse = lse.masked_fill(empty[:, None, None], -math.inf)
+        return out, lse
+    out = torch.empty(b, h, nq, d, device=q.device)
+    lse = torch.empty(b, h, nq, device=q.device)
+    rows = max(1, chunk_bytes // max(1, b * h * k.shape[2] * 4))
+    for r0 in range(0, nq, rows):
+        r = slice(r0, min(nq, r0 + rows))
+        s = (q[:, :, r].float() @ k.transpose(-1, -2)) * scale
+        valid = None if key_valid is None else key_valid.to(torch.bool)[:, None, None, :]
+        out[:, :, r], lse[:, :, r] = masked_softmax_av(s, v, valid)
+    return out, lse
+
+
 def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -367,6 +519,7 @@ def block_sparse_attention_reference(
     kv_cnt: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 reference: the token mask of the listed blocks, then a masked softmax. O(N^2) memory."""
     check_qkv(q, k, v, block_size)
@@ -378,7 +531,8 @@ def block_sparse_attention_reference(
     block_mask = torch.zeros((b, h, m, m + 1), dtype=torch.bool, device=q.device)
     block_mask.scatter_(3, torch.where(listed, kv_idx.long(), m), True)  # unlisted slots go to column m
     token_mask = block_mask[..., :m].repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
-    token_mask = token_mask[:, :, :n, :n]
+    real = token_valid(n, block_size, block_len, q.device)
+    token_mask = token_mask[:, :, :n, :n] & real & real[:, None]
     kf, vf = expand_kv_heads(k, h).float(), expand_kv_heads(v, h).float()
     s = (q.float() @ kf.transpose(-1, -2)) * scale
     out, lse = masked_softmax_av(s, vf, token_mask)

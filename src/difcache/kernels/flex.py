@@ -19,7 +19,14 @@ import math
 
 import torch
 
-from difcache.kernels._common import check_lists, check_qkv, listed_slots
+from difcache.kernels._common import (
+    block_lengths,
+    check_lists,
+    check_qkv,
+    listed_slots,
+    mask_padding_rows,
+    token_valid,
+)
 
 
 def flex_available() -> bool:
@@ -36,11 +43,13 @@ def block_mask_of(
     n: int,
     block_size: int,
     extra_valid: torch.Tensor | None = None,
+    block_len: torch.Tensor | None = None,
 ):
     """A FlexAttention ``BlockMask`` for the block lists, with a table-lookup ``mask_mod``.
 
     ``extra_valid [B, E]`` (bool) appends ``E`` keys after the ``n`` listed ones that every query row attends
-    to where valid (dense text columns). Each row's first listed block is a partial block (``mask_mod``
+    to where valid (dense text columns). ``block_len [M]``: a padded layout, whose padding keys are masked.
+    Each row's first listed block is a partial block (``mask_mod``
     applied); its other whole blocks are full blocks, which skip the ``mask_mod`` and run about twice as fast
     on CPU. At least one partial block per row also avoids the only-full-blocks compile failure.
     """
@@ -57,19 +66,23 @@ def block_mask_of(
     video = table[..., :m].contiguous()  # the lookup of listed key blocks
     whole = torch.zeros(m_kv, dtype=torch.bool, device=device)
     whole[: n // block_size] = True  # video blocks with no padding or text inside: may be full blocks
+    real = token_valid(n, block_size, block_len, device)
+    if block_len is not None:
+        whole[:m] &= block_lengths(n, block_size, block_len, device) == block_size
     if extra_valid is not None:
         table[..., n // block_size :] = True  # every block holding text keys is visited (masked per token)
         text = extra_valid.to(torch.bool).contiguous()
 
         def lookup(b_i, h_i, q_i, kv_i):
-            in_video = video[b_i, h_i, q_i // block_size, torch.clamp(kv_i // block_size, max=m - 1)]
+            kv_video = torch.clamp(kv_i, max=n - 1)
+            in_video = video[b_i, h_i, q_i // block_size, kv_video // block_size] & real[kv_video]
             in_text = text[b_i, torch.clamp(kv_i - n, min=0)]
             return torch.where(kv_i < n, in_video, in_text)
 
     else:
 
         def lookup(b_i, h_i, q_i, kv_i):
-            return video[b_i, h_i, q_i // block_size, kv_i // block_size]
+            return video[b_i, h_i, q_i // block_size, kv_i // block_size] & real[kv_i]
 
     ar = torch.arange(m_kv, device=device)
     first = torch.where(table, ar, m_kv).amin(dim=-1, keepdim=True)  # each row's first visited block
@@ -107,6 +120,7 @@ def block_sparse_attention_flex(
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_valid: torch.Tensor | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention with FlexAttention; ``compiled=False`` is eager (correct, but dense cost on CPU).
 
@@ -124,15 +138,15 @@ def block_sparse_attention_flex(
         if extra_valid is None:
             extra_valid = torch.ones(extra_k.shape[0], extra_k.shape[2], dtype=torch.bool, device=q.device)
         k, v = torch.cat([k, extra_k], dim=2), torch.cat([v, extra_v], dim=2)
-    mask = block_mask_of(kv_idx, kv_cnt, n, block_size, extra_valid)
+    mask = block_mask_of(kv_idx, kv_cnt, n, block_size, extra_valid, block_len)
     want_lse = not (compiled and q.device.type == "cpu")
     fn = _compiled_flex() if compiled else flex_attention
     gqa = q.shape[1] != k.shape[1]
     result = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa, return_lse=want_lse)
     if not want_lse:
-        return result, None
+        return mask_padding_rows(result, torch.zeros(result.shape[:3]), block_size, block_len)[0], None
     out, lse = result
     lse = lse.float()
     empty = ~torch.isfinite(lse)
     out = out.masked_fill(empty[..., None], 0.0)
-    return out, lse.masked_fill(empty, float("-inf"))
+    return mask_padding_rows(out, lse.masked_fill(empty, float("-inf")), block_size, block_len)

@@ -27,8 +27,10 @@ from difcache.kernels._common import (
     expand_kv_heads,
     jit,
     listed_slots,
+    mask_padding_rows,
     pad_blocks,
     tl,
+    token_valid,
     triton,
 )
 from difcache.kernels.block_sparse_attention import (
@@ -43,32 +45,42 @@ LEVELS = 4  # pooling factors 1, 2, 4, 8
 _LOG2E = 1.4426950408889634
 
 
-def pool_tokens(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_tokens(
+    x: torch.Tensor, factor: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each ``factor`` consecutive tokens: ``x [B, H, N, D]`` -> ``([B, H, ceil(N/f), D], log_count)``.
 
     ``log_count [ceil(N/f)]`` (fp32) is the log of how many tokens each pooled one stands for (``log f``, less
-    for the last group of a sequence that ``f`` does not divide).
+    for the last group of a sequence that ``f`` does not divide). ``valid [N]`` (bool) marks the real tokens of a
+    padded layout: only they are averaged and counted, and a group of padding only gets ``log 0 = -inf``.
     """
     n = x.shape[2]
     groups = math.ceil(n / factor)
-    counts = torch.full((groups,), float(factor), device=x.device)
-    counts[-1] = n - (groups - 1) * factor
-    if factor == 1:
+    if valid is None:
+        counts = torch.full((groups,), float(factor), device=x.device)
+        counts[-1] = n - (groups - 1) * factor
+    else:
+        counts = pad_blocks(valid.float()[None, None, :, None], factor).sum(dim=3).flatten()
+    if factor == 1 and valid is None:
         return x, counts.log()
-    summed = pad_blocks(x.float(), factor).sum(dim=3)
-    return (summed / counts[:, None]).to(x.dtype), counts.log()
+    xf = x.float() if valid is None else x.float() * valid[:, None]
+    summed = pad_blocks(xf, factor).sum(dim=3)
+    return (summed / counts.clamp_min(1)[:, None]).to(x.dtype), counts.log()
 
 
-def kv_pyramid(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kv_pyramid(
+    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values at every level, concatenated along the sequence: ``[B, Hk, N + N/2 + N/4 + N/8, D]``.
 
-    Also returns ``bias`` (fp32, same length): the ``log(count)`` score correction of every pooled key.
+    Also returns ``bias`` (fp32, same length): the ``log(count)`` score correction of every pooled key (``-inf``
+    on padding, with ``valid`` as in :func:`pool_tokens`).
     """
     ks, vs, bias = [], [], []
     for level in range(LEVELS):
-        kl, bl = pool_tokens(k, 2**level)
+        kl, bl = pool_tokens(k, 2**level, valid)
         ks.append(kl)
-        vs.append(pool_tokens(v, 2**level)[0])
+        vs.append(pool_tokens(v, 2**level, valid)[0])
         bias.append(bl)
     return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(bias)
 
@@ -176,8 +188,11 @@ def pyramid_sparse_attention(
     kv_lvl: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton PSA forward; CUDA tensors run compiled, CPU tensors only under ``TRITON_INTERPRET=1``."""
+    """Triton PSA forward; CUDA tensors run compiled, CPU tensors only under ``TRITON_INTERPRET=1``.
+
+    ``block_len [M]``: a padded layout; padding keys get a ``-inf`` bias at every level."""
     interpret = check_launchable(q)
     check_qkv(q, k, v, block_size)
     check_lists(kv_idx, kv_cnt, q, k, block_size)
@@ -187,7 +202,7 @@ def pyramid_sparse_attention(
         raise ValueError(
             f"The Triton kernel needs a power-of-two head dim >= 16, got {d}; use backend='torch'."
         )
-    kp, vp, bias = kv_pyramid(k, v)
+    kp, vp, bias = kv_pyramid(k, v, None if block_len is None else token_valid(n, block_size, block_len, q.device))
     q = q if q.stride(-1) == 1 else q.contiguous()
     kp, vp = kp.contiguous(), vp.contiguous()
     bias = bias.float().contiguous()
@@ -209,7 +224,7 @@ def pyramid_sparse_attention(
         HEAD_DIM=d, BLOCK=block_size, BLOCK_M=block_m,
         UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, **extra,
     )  # fmt: skip
-    return out, lse
+    return mask_padding_rows(out, lse, block_size, block_len)
 
 
 def level_lists(
@@ -234,18 +249,23 @@ def pyramid_sparse_attention_torch(
     kv_lvl: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PSA by gathering, per level, each row's pooled key blocks, then one softmax over all of them.
 
     Cost is proportional to ``sum(2**-level)`` over the listed blocks. Computed in fp32 on CPU.
+    ``block_len [M]``: a padded layout (padding is neither pooled nor attended to).
     """
     check_qkv(q, k, v, block_size)
     check_lists(kv_idx, kv_cnt, q, k, block_size)
     check_levels(kv_lvl, kv_idx)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    valid = None if block_len is None else token_valid(n, block_size, block_len, q.device)
     if q.device.type == "cpu":
-        return _pyramid_cpu(q, expand_kv_heads(k, h), expand_kv_heads(v, h), kv_idx, kv_cnt, kv_lvl, block_size, scale)
+        k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
+        out, lse = _pyramid_cpu(q, k, v, kv_idx, kv_cnt, kv_lvl, block_size, scale, valid)
+        return mask_padding_rows(out, lse, block_size, block_len)
     compute = q.dtype
     k, v = expand_kv_heads(k, h).to(compute), expand_kv_heads(v, h).to(compute)
     qb = pad_blocks(q.to(compute), block_size)  # [B, H, M, S, D]
@@ -255,8 +275,8 @@ def pyramid_sparse_attention_torch(
         if idx.shape[-1] == 0:
             continue
         width = block_size >> level
-        kl, bias_l = pool_tokens(k, 2**level)
-        vl = pool_tokens(v, 2**level)[0]
+        kl, bias_l = pool_tokens(k, 2**level, valid)
+        vl = pool_tokens(v, 2**level, valid)[0]
         n_l = kl.shape[2]
         keys.append(gather_blocks(kl, idx, width))  # [B, H, M, K_l * width, D]
         values.append(gather_blocks(vl, idx, width))
@@ -270,12 +290,13 @@ def pyramid_sparse_attention_torch(
     kg, vg = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
     bias = torch.cat(biases, dim=-1).expand(b, h, m, 1, -1)
     out, lse = masked_softmax_av(((qb * scale) @ kg.transpose(-1, -2)).float(), vg, None, bias)
-    return out.flatten(2, 3)[:, :, :n].to(q.dtype), lse.flatten(2, 3)[:, :, :n]
+    out, lse = out.flatten(2, 3)[:, :, :n].to(q.dtype), lse.flatten(2, 3)[:, :, :n]
+    return mask_padding_rows(out, lse, block_size, block_len)
 
 
 def _pyramid_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
-    kv_lvl: torch.Tensor, block_size: int, scale: float,
+    kv_lvl: torch.Tensor, block_size: int, scale: float, valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """CPU PSA in fp32 with one gather per chunk of query blocks, whatever the levels.
 
@@ -290,7 +311,7 @@ def _pyramid_cpu(
     g = block_size // 8
     per_level = [m * (8 >> level) for level in range(LEVELS)]  # rows per level
     base = torch.tensor([sum(per_level[:level]) for level in range(LEVELS)])
-    bias_rows = _level_bias_rows(n, block_size, m)
+    bias_rows = _level_bias_rows(n, block_size, m, valid)
     # Row lists for every (batch, head, query block): [B, H, M, K * 8], valid rows first.
     lvl = kv_lvl.long()
     rows_per = 8 >> lvl
@@ -309,7 +330,7 @@ def _pyramid_cpu(
             length = lengths[bi][hi]
             if length == 0:
                 continue
-            kp, vp = (_level_rows(x[bi, hi].float(), block_size, m) for x in (k, v))
+            kp, vp = (_level_rows(x[bi, hi].float(), block_size, m, valid) for x in (k, v))
             qb = pad_blocks(q[bi : bi + 1, hi : hi + 1].float(), block_size)
             chunk = cpu_chunk(m, length * g, d)
             for m0 in range(0, m, chunk):
@@ -327,18 +348,20 @@ def _pyramid_cpu(
     return out[:, :, :n].to(q.dtype), lse[:, :, :n]
 
 
-def _level_bias_rows(n: int, block_size: int, m: int) -> torch.Tensor:
+def _level_bias_rows(n: int, block_size: int, m: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The ``log(count)`` score correction laid out like :func:`_level_rows`; ``-inf`` on padding tokens."""
     levels = []
     for level in range(LEVELS):
-        log_count = pool_tokens(torch.empty(1, 1, n, 0), 2**level)[1]
+        log_count = pool_tokens(torch.empty(1, 1, n, 0), 2**level, valid)[1]
         levels.append(F.pad(log_count, (0, m * (block_size >> level) - log_count.numel()), value=-math.inf))
     return torch.cat(levels).view(-1, block_size // 8)
 
 
-def _level_rows(x: torch.Tensor, block_size: int, m: int) -> torch.Tensor:
+def _level_rows(x: torch.Tensor, block_size: int, m: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``x [N, D]`` -> every level padded to ``m`` blocks and stacked as rows of ``block_size / 8`` tokens."""
-    levels = [pad_blocks(pool_tokens(x[None, None], 2**level)[0], block_size >> level) for level in range(LEVELS)]
+    levels = [
+        pad_blocks(pool_tokens(x[None, None], 2**level, valid)[0], block_size >> level) for level in range(LEVELS)
+    ]
     return torch.cat([lv.reshape(-1, x.shape[1]) for lv in levels]).view(-1, (block_size // 8) * x.shape[1])
 
 
@@ -351,6 +374,7 @@ def pyramid_sparse_attention_reference(
     kv_lvl: torch.Tensor,
     block_size: int = 128,
     scale: float | None = None,
+    block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 reference: every level's pooled keys side by side, a token mask per level, one softmax."""
     check_qkv(q, k, v, block_size)
@@ -364,14 +388,15 @@ def pyramid_sparse_attention_reference(
     level_map.scatter_(3, torch.where(listed, kv_idx.long(), m), kv_lvl.long())
     level_map = level_map[..., :m]  # [B, H, M, Mk]: -1 = skipped
     qf = q.float()
+    valid = None if block_len is None else token_valid(n, block_size, block_len, q.device)
     scores, values = [], []
     for level in range(LEVELS):
-        kl, bias = pool_tokens(expand_kv_heads(k, h).float(), 2**level)
-        vl = pool_tokens(expand_kv_heads(v, h).float(), 2**level)[0]
+        kl, bias = pool_tokens(expand_kv_heads(k, h).float(), 2**level, valid)
+        vl = pool_tokens(expand_kv_heads(v, h).float(), 2**level, valid)[0]
         mask = (level_map == level).repeat_interleave(block_size, 2)[:, :, :n]
         mask = mask.repeat_interleave(block_size >> level, 3)[..., : kl.shape[2]]
         s = (qf @ kl.transpose(-1, -2)) * scale + bias
         scores.append(s.masked_fill(~mask, float("-inf")))
         values.append(vl)
     out, lse = masked_softmax_av(torch.cat(scores, dim=-1), torch.cat(values, dim=-2), None)
-    return out.to(q.dtype), lse
+    return mask_padding_rows(out.to(q.dtype), lse, block_size, block_len)
