@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from difcache.adapters.layout import Layout
 from difcache.errors import DifcacheError
 
 _REQUIRED = {
@@ -118,6 +119,16 @@ class Profile:
         return cls(**raw)
 
     # ------------------------------------------------------------------ is it for this model?
+    @classmethod
+    def for_model(cls, source: str | os.PathLike | Profile | None, method: str, layout: Layout, usage: str) -> Profile:
+        """The profile ``source`` (a path or a profile), checked to be for ``method`` on ``layout``'s model;
+        ``None`` raises with ``usage``, the call that makes one."""
+        if source is None:
+            raise DifcacheError(f"{method} needs a profile: {usage}")
+        profile = cls.load(source)
+        profile.check(method, type(layout.model).__name__, layout.fingerprint)
+        return profile
+
     def check(self, method: str, model_class: str, fingerprint: str, scheduler: str | None = None) -> None:
         """Raise unless this profile was made for ``method`` on a model with this layout (and scheduler)."""
         if self.method != method:
@@ -159,6 +170,17 @@ class Profile:
         value = self.value(name)
         if value not in choices:
             raise self.bad(name, f"must be one of {list(choices)}, got {value!r}")
+        return value
+
+    def matching(self, name: str, choices: Sequence[str], asked: str) -> str:
+        """``data.name`` (one of ``choices``), which must be what the config asks for: the profile's numbers
+        only mean something for the setting they were measured with."""
+        value = self.choice(name, choices)
+        if value != asked:
+            raise DifcacheError(
+                f"This {self.method} profile was made with {name}={value!r}, but {name}={asked!r} was asked for; "
+                f"apply it with {name}={value!r}, or {self.remedy} with {name}={asked!r}."
+            )
         return value
 
     def numbers(

@@ -106,7 +106,7 @@ def test_fid_on_the_bundled_dit_with_bundled_features(tmp_path):
         (["--model", "random:dit", "--method", "nosuch"], "registered"),
         (["--model", "random:video"], "eval_vbench.py"),
         (["--model", "random:dit", "--config", "fora:interval"], "key=value"),
-        (["--model", "random:dit", "--method", "ertacache"], "calibration profile"),
+        (["--model", "random:dit", "--method", "ertacache"], "needs a profile"),
     ],
 )
 def test_bad_inputs_fail_with_the_fix(tmp_path, capsys, extra, message):

@@ -278,7 +278,7 @@ def test_step_wrappers_compose_with_the_step_tracker_in_any_order(calibrated, at
 
 def test_profile_errors_name_the_problem(calibrated, tmp_path):
     loop, profile = calibrated
-    with pytest.raises(difcache.DifcacheError, match="needs a calibration profile"):
+    with pytest.raises(difcache.DifcacheError, match="ertacache needs a profile: profile = difcache.calibrate"):
         difcache.apply_cache(loop, "ertacache")
     with (
         difcache.apply_cache(loop, "ertacache", profile=profile),

@@ -22,27 +22,19 @@ register_adapter(
     "SD3Transformer2DModel",
     block_adapter("sd3", ["transformer_blocks"], {"attn": "attn", "attn2": "attn", "ff": "ffn", "ff_context": "ffn"}),
 )
-register_adapter(
-    "FluxTransformer2DModel",
-    block_adapter(
-        "flux",
-        ["transformer_blocks", "single_transformer_blocks"],
-        {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
-        composite_groups={"single_transformer_blocks": _SINGLE_STREAM},
-    ),
-)
+for model_cls, family in (("FluxTransformer2DModel", "flux"), ("HunyuanVideoTransformer3DModel", "hunyuanvideo")):
+    register_adapter(
+        model_cls,
+        block_adapter(
+            family,
+            ["transformer_blocks", "single_transformer_blocks"],
+            {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
+            composite_groups={"single_transformer_blocks": _SINGLE_STREAM},
+        ),
+    )
 register_adapter(
     "WanTransformer3DModel",
     block_adapter("wan", ["blocks"], {"attn1": "attn", "attn2": "cross_attn", "ffn": "ffn"}),
-)
-register_adapter(
-    "HunyuanVideoTransformer3DModel",
-    block_adapter(
-        "hunyuanvideo",
-        ["transformer_blocks", "single_transformer_blocks"],
-        {"attn": "attn", "ff": "ffn", "ff_context": "ffn"},
-        composite_groups={"single_transformer_blocks": _SINGLE_STREAM},
-    ),
 )
 register_adapter(
     "CogVideoXTransformer3DModel",

@@ -45,6 +45,25 @@ def _time_once(
     return elapsed
 
 
+def _timed_rounds(
+    order: list[str],
+    variants: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    setup: dict[str, Callable[[], Any]] | None,
+    teardown: dict[str, Callable[[], Any]] | None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Seconds of each call in ``order``, for each of ``repeats`` rounds after ``warmup`` untimed-in-result ones."""
+    setup, teardown = setup or {}, teardown or {}
+    rounds = []
+    for round_index in range(warmup + repeats):
+        seconds = [_time_once(name, variants, setup, teardown, clock) for name in order]
+        if round_index >= warmup:
+            rounds.append(seconds)
+    return rounds
+
+
 def interleaved_medians(
     variants: dict[str, Callable[[], Any]],
     repeats: int = 5,
@@ -57,24 +76,13 @@ def interleaved_medians(
     ``setup[name]``/``teardown[name]`` run around each timed call of that variant (outside the timing), e.g. to
     apply and remove a cache so the variants share one pipeline.
     """
-    setup, teardown = setup or {}, teardown or {}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(warmup + repeats):
-        for name in variants:
-            elapsed = _time_once(name, variants, setup, teardown)
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    names = list(variants)
+    rounds = _timed_rounds(names, variants, repeats, warmup, setup, teardown)
+    return {name: statistics.median(r[i] for r in rounds) for i, name in enumerate(names)}
 
 
 def paired_speedups(
-    variants: dict[str, Callable[[], Any]],
-    reference: str,
-    repeats: int = 5,
-    warmup: int = 1,
-    setup: dict[str, Callable[[], Any]] | None = None,
-    teardown: dict[str, Callable[[], Any]] | None = None,
-    clock: Callable[[], float] = time.perf_counter,
+    variants: dict[str, Callable[[], Any]], reference: str, **timing: Any
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall times, and each variant's median speedup over ``variants[reference]`` from *paired* runs.
 
@@ -82,9 +90,10 @@ def paired_speedups(
     the ratio of the pair. A slow drift of the machine (another process, thermal or frequency changes) then
     cancels within each pair instead of landing on whichever variants ran during it, as it does with one
     reference run per round of many variants. Costs one extra reference run per variant and round.
+    ``timing`` is :func:`paired_ratios`'s ``repeats``, ``warmup``, ``setup``, ``teardown`` and ``clock``;
     ``setup``/``teardown`` run around each variant's timed call, outside the timing.
     """
-    times, ratios = paired_ratios(variants, reference, repeats, warmup, setup, teardown, clock)
+    times, ratios = paired_ratios(variants, reference, **timing)
     medians = {name: statistics.median(values) for name, values in times.items() if values}
     return medians, {name: statistics.median(values) for name, values in ratios.items() if values}
 
@@ -99,17 +108,16 @@ def paired_ratios(
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """The timings behind :func:`paired_speedups`: every wall time, and every pair's ratio, per variant."""
-    setup, teardown = setup or {}, teardown or {}
+    others = [name for name in variants if name != reference]
+    order = [name for other in others for name in (reference, other)]
     times: dict[str, list[float]] = {name: [] for name in variants}
-    ratios: dict[str, list[float]] = {name: [] for name in variants if name != reference}
-    for round_index in range(warmup + repeats):
-        for name in ratios:
-            base = _time_once(reference, variants, setup, teardown, clock)
-            elapsed = _time_once(name, variants, setup, teardown, clock)
-            if round_index >= warmup:
-                times[reference].append(base)
-                times[name].append(elapsed)
-                ratios[name].append(base / elapsed)
+    ratios: dict[str, list[float]] = {name: [] for name in others}
+    for seconds in _timed_rounds(order, variants, repeats, warmup, setup, teardown, clock):
+        for k, other in enumerate(others):
+            base, elapsed = seconds[2 * k], seconds[2 * k + 1]
+            times[reference].append(base)
+            times[other].append(elapsed)
+            ratios[other].append(base / elapsed)
     return times, ratios
 
 

@@ -172,16 +172,21 @@ def run_fid(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
     return report
 
 
-def main_fid(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/eval_fid.py``."""
+def run_script(name: str, parser: Any, run: Callable[[Any], dict | None], argv: Sequence[str] | None) -> int:
+    """An evaluation script's entry point: parse, run, print the report's table; a user error is one line, exit 2."""
     from difcache.eval.report import markdown
 
-    args = fid_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
-        report = run_fid(args)
+        report = run(args)
     except DifcacheError as err:
-        print(f"eval_fid: {err}", file=sys.stderr)
+        print(f"{name}: {err}", file=sys.stderr)
         return 2
     if report is not None:
         print(markdown(report))
     return 0
+
+
+def main_fid(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/eval_fid.py``."""
+    return run_script("eval_fid", fid_parser(), run_fid, argv)

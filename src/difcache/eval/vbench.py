@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import shlex
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from PIL import Image
 
 from difcache.errors import DifcacheError
 from difcache.eval.generate import SampleStore, Setting, digest, generate, load_sample, settings_from_cli
-from difcache.eval.runs import add_common_args, read_prompts, setup
+from difcache.eval.runs import add_common_args, read_prompts, run_script, setup
 from difcache.eval.samplers import Item, Sampler
 
 # Dimensions VBench accepts in ``custom_input`` mode (the others need its prompt suite's extra annotations).
@@ -214,14 +213,4 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/eval_vbench.py``."""
-    from difcache.eval.report import markdown
-
-    args = vbench_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except DifcacheError as err:
-        print(f"eval_vbench: {err}", file=sys.stderr)
-        return 2
-    if report is not None:
-        print(markdown(report))
-    return 0
+    return run_script("eval_vbench", vbench_parser(), run, argv)

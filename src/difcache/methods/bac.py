@@ -144,20 +144,11 @@ def schedule(
 
 def _read_profile(config: BACConfig, layout: Layout) -> tuple[Profile, BACPlanData]:
     """The profile's matrices and volatilities, checked against the layout, with errors naming the bad field."""
-    if config.profile is None:
-        raise DifcacheError(
-            "BAC needs a calibration profile: profile = difcache.calibrate(pipe, 'bac', call_kwargs=[...], "
-            "num_inference_steps=N), then difcache.apply_cache(pipe, 'bac', profile=profile, budget=10)."
-        )
-    profile = Profile.load(config.profile)
-    profile.check("bac", type(layout.model).__name__, layout.fingerprint)
+    usage = ("profile = difcache.calibrate(pipe, 'bac', call_kwargs=[...], num_inference_steps=N), then "
+             "difcache.apply_cache(pipe, 'bac', profile=profile, budget=10).")  # fmt: skip
+    profile = Profile.for_model(config.profile, "bac", layout, usage)
     steps, units = profile.num_steps, len(layout.units)
-    metric = profile.choice("metric", METRICS)
-    if metric != config.metric:
-        raise DifcacheError(
-            f"This BAC profile holds {metric!r} similarity matrices, but metric={config.metric!r} was asked for; "
-            f"apply it with metric={metric!r}, or recalibrate with metric={config.metric!r}."
-        )
+    metric = profile.matching("metric", METRICS, config.metric)
     matrices = profile.matrices("similarity", units, steps)
     vol = profile.numbers("volatility", length=units, lo=0.0)
     similarity = tuple(tuple(tuple(row) for row in m) for m in matrices)

@@ -152,13 +152,9 @@ def _scope(layout: Layout) -> BlockRangeScope:
 
 def _read_profile(config: ERTACacheConfig, layout: Layout) -> tuple[Profile, tuple[bool, ...], list, list[float]]:
     """The reuse set, per-step ``(a, b)`` per leaf and φ from a profile, with errors that name the bad field."""
-    if config.profile is None:
-        raise DifcacheError(
-            "ERTACache needs a calibration profile: profile = difcache.calibrate(pipe, 'ertacache', "
-            "call_kwargs=[...], num_inference_steps=N), then apply_cache(pipe, 'ertacache', profile=profile)."
-        )
-    profile = Profile.load(config.profile)
-    profile.check("ertacache", type(layout.model).__name__, layout.fingerprint)
+    usage = ("profile = difcache.calibrate(pipe, 'ertacache', call_kwargs=[...], num_inference_steps=N), then "
+             "difcache.apply_cache(pipe, 'ertacache', profile=profile).")  # fmt: skip
+    profile = Profile.for_model(config.profile, "ertacache", layout, usage)
     steps = profile.num_steps
     reuse_steps = set(profile.ints("reuse_steps", 1, steps - 2))  # first and last steps are always computed
     reuse = tuple(s in reuse_steps for s in range(steps))

@@ -44,7 +44,6 @@ from difcache.adapters.layout import Layout
 from difcache.config import CacheConfig, check_choice, check_float, check_int, check_profile
 from difcache.core import Plan
 from difcache.engine.scopes.signals import INDICATORS, indicator_scope
-from difcache.errors import DifcacheError
 from difcache.forecasters import FORECASTS, skipped_step
 from difcache.methods.registry import register_method
 from difcache.methods.teacache_presets import FAMILY_DEFAULT, PRESETS, preset_name
@@ -123,14 +122,8 @@ def _coefficients(config: TeaCacheConfig, layout: Layout) -> tuple[float, ...]:
     """The config's polynomial, or the one a calibration profile fitted (for the same indicator)."""
     if config.profile is None:
         return config.coefficients
-    profile = Profile.load(config.profile)
-    profile.check("teacache", type(layout.model).__name__, layout.fingerprint)
-    indicator = profile.choice("indicator", INDICATORS)
-    if indicator != config.indicator:
-        raise DifcacheError(
-            f"This TeaCache profile fitted its polynomial for indicator={indicator!r}, but indicator="
-            f"{config.indicator!r} was asked for; apply it with indicator={indicator!r} or recalibrate."
-        )
+    profile = Profile.for_model(config.profile, "teacache", layout, "")
+    profile.matching("indicator", INDICATORS, config.indicator)
     return tuple(profile.numbers("coefficients"))  # type: ignore[arg-type]
 
 
