@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 from difcache.errors import DifcacheError
 from difcache.kernels import BACKENDS
+from difcache.registry import Registry
 
 ESTIMATORS = ("pooled", "sampled", "exact")
 
@@ -465,31 +466,26 @@ class SparseMethod:
     description: str
 
 
-_METHODS: dict[str, SparseMethod] = {}
+_METHODS: Registry[SparseMethod] = Registry("sparse attention method")
 
 
 def register_sparse_method(config_cls: type[SparseAttentionConfig], description: str) -> Callable[[SelectFn], SelectFn]:
     """Decorator registering ``select(config, context) -> Selection`` for ``config_cls`` under its ``method``."""
-
-    def decorate(select: SelectFn) -> SelectFn:
-        _METHODS[config_cls.method] = SparseMethod(config_cls.method, config_cls, select, description)
-        return select
-
-    return decorate
+    return _METHODS.decorator(
+        config_cls.method, lambda select: SparseMethod(config_cls.method, config_cls, select, description)
+    )
 
 
 def list_sparse_methods() -> dict[str, str]:
     """Registered sparse attention methods and one-line descriptions."""
-    return {name: spec.description for name, spec in sorted(_METHODS.items())}
+    return _METHODS.descriptions()
 
 
 def sparse_method(name_or_config: str | SparseAttentionConfig) -> SparseMethod:
     name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
     spec = _METHODS.get(name)
     if spec is None or (not isinstance(name_or_config, str) and spec.config_cls is not type(name_or_config)):
-        raise DifcacheError(
-            f"Unknown sparse attention method {name!r}; registered: {', '.join(sorted(_METHODS))}."
-        )
+        raise _METHODS.unknown(name)
     return spec
 
 
