@@ -72,7 +72,7 @@ def test_method_names_take_their_config_defaults_and_overrides_are_validated():
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (TopKSparseConfig, dict(density=0.0), r"density must be a number in \(0, 1\]"),
+        (TopKSparseConfig, dict(density=0.0), r"density must be > 0 and <= 1, got 0.0"),
         (TopKSparseConfig, dict(block_size=True), "block_size"),
         (TopKSparseConfig, dict(tile=(2, 8)), "tile"),
         (TopKSparseConfig, dict(min_blocks=0), "min_blocks"),
@@ -101,6 +101,17 @@ def test_method_names_take_their_config_defaults_and_overrides_are_validated():
 def test_config_names_the_bad_field(cls, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(keep_diagonal=1), "keep_diagonal must be True or False, got 1."),
+     (dict(min_blocks=True), "min_blocks must be an int >= 1, got True.")],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_is_not_reported_as_an_unknown_field(kwargs, message):
+    with pytest.raises(DifcacheError) as info:
+        resolve_sparse_config("topk", kwargs)
+    assert str(info.value) == f"TopKSparseConfig.{message}"
 
 
 def test_defaults_follow_the_papers_and_resolve_per_run():

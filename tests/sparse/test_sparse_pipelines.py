@@ -273,7 +273,7 @@ def test_unsupported_model_and_double_apply_fail_clearly(pipes):
     handle.remove()
     with pytest.raises(DifcacheError, match="fields are"):
         apply_sparse_attention(pipe, "topp", sparsity=0.8)
-    with pytest.raises(DifcacheError, match=r"TopKSparseConfig.density must be a number in \(0, 1\], got 1.5"):
+    with pytest.raises(DifcacheError, match=r"TopKSparseConfig.density must be > 0 and <= 1, got 1.5"):
         apply_sparse_attention(pipe, "topk", density=1.5)
     with pytest.raises(DifcacheError, match="registered: adaspa, psa, svg2, topk, topp"):
         apply_sparse_attention(pipe, "sparge")

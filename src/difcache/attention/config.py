@@ -29,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from difcache.config import check_bool, check_choice, check_float, check_int
 from difcache.errors import DifcacheError
 from difcache.kernels import BACKENDS
+from difcache.registry import Registry
 
 ESTIMATORS = ("pooled", "sampled", "exact")
 
@@ -48,21 +50,9 @@ def _where(owner: object, name: str) -> str:
     return f"{type(owner).__name__}.{name}"
 
 
-def _int(owner: object, name: str, lo: int, hi: int | None = None) -> None:
-    value = getattr(owner, name)
-    span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-    if not _is_int(value) or value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{_where(owner, name)} must be an int {span}, got {value!r}.")
-
-
 def _fraction(owner: object, name: str, *, allow_none: bool = False, zero: bool = False) -> None:
     """A number in (0, 1] (``[0, 1]`` with ``zero``), or ``None`` with ``allow_none``."""
-    value = getattr(owner, name)
-    if value is None and allow_none:
-        return
-    low = "[0, 1]" if zero else "(0, 1]"
-    if not _is_real(value) or value > 1 or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{_where(owner, name)} must be a number in {low}, got {value!r}.")
+    check_float(owner, name, 0, 1, lo_open=not zero, allow_none=allow_none)
 
 
 def _count_or_fraction(owner: object, name: str) -> None:
@@ -75,16 +65,6 @@ def _count_or_fraction(owner: object, name: str) -> None:
         raise ValueError(
             f"{_where(owner, name)} must be an int count >= 0 or a fraction in [0, 1), got {value!r}."
         )
-
-
-def _bool(owner: object, name: str) -> None:
-    if not isinstance(getattr(owner, name), bool):
-        raise TypeError(f"{_where(owner, name)} must be True or False, got {getattr(owner, name)!r}.")
-
-
-def _choice(owner: object, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(owner, name) not in choices:
-        raise ValueError(f"{_where(owner, name)} must be one of {list(choices)}, got {getattr(owner, name)!r}.")
 
 
 def _resolve(value: int | float, total: int, round_up: bool) -> int:
@@ -133,8 +113,8 @@ class SparseAttentionConfig:
             )
         _count_or_fraction(self, "warmup_steps")
         _count_or_fraction(self, "dense_layers")
-        _int(self, "min_tokens", 0)
-        _int(self, "reuse_steps", 1)
+        check_int(self, "min_tokens", 0)
+        check_int(self, "reuse_steps", 1)
         steps = self.search_steps
         if steps is not None:
             if isinstance(steps, list):
@@ -152,7 +132,7 @@ class SparseAttentionConfig:
                     "the listed steps), not both; drop reuse_steps."
                 )
             object.__setattr__(self, "search_steps", steps)
-        _choice(self, "backend", BACKENDS)
+        check_choice(self, "backend", BACKENDS)
         self._validate()
 
     def _validate(self) -> None:
@@ -277,10 +257,10 @@ class BlockSparseConfig(SparseAttentionConfig):
                 f"{_where(self, 'tile')} must be None or three ints >= 1 (t, h, w), e.g. (2, 8, 8); got {self.tile!r}."
             )
         object.__setattr__(self, "tile", tile)
-        _int(self, "min_blocks", 1)
-        _bool(self, "keep_diagonal")
-        _bool(self, "first_frame_sink")
-        _choice(self, "estimator", ESTIMATORS)
+        check_int(self, "min_blocks", 1)
+        check_bool(self, "keep_diagonal")
+        check_bool(self, "first_frame_sink")
+        check_choice(self, "estimator", ESTIMATORS)
         if self.sim_threshold is not None:
             if not _is_real(self.sim_threshold) or not -1 <= self.sim_threshold <= 1:
                 raise ValueError(
@@ -446,10 +426,10 @@ class SVG2SparseConfig(SparseAttentionConfig):
             )
         _fraction(self, "p", allow_none=True)
         _fraction(self, "density", allow_none=True)
-        _int(self, "q_cluster_size", 1)
-        _int(self, "k_cluster_size", 1)
-        _int(self, "kmeans_iters", 0)
-        _int(self, "kmeans_init_iters", 0)
+        check_int(self, "q_cluster_size", 1)
+        check_int(self, "k_cluster_size", 1)
+        check_int(self, "kmeans_iters", 0)
+        check_int(self, "kmeans_init_iters", 0)
         _fraction(self, "min_kc_ratio", zero=True)
 
 
@@ -465,31 +445,26 @@ class SparseMethod:
     description: str
 
 
-_METHODS: dict[str, SparseMethod] = {}
+_METHODS: Registry[SparseMethod] = Registry("sparse attention method")
 
 
 def register_sparse_method(config_cls: type[SparseAttentionConfig], description: str) -> Callable[[SelectFn], SelectFn]:
     """Decorator registering ``select(config, context) -> Selection`` for ``config_cls`` under its ``method``."""
-
-    def decorate(select: SelectFn) -> SelectFn:
-        _METHODS[config_cls.method] = SparseMethod(config_cls.method, config_cls, select, description)
-        return select
-
-    return decorate
+    return _METHODS.decorator(
+        config_cls.method, lambda select: SparseMethod(config_cls.method, config_cls, select, description)
+    )
 
 
 def list_sparse_methods() -> dict[str, str]:
     """Registered sparse attention methods and one-line descriptions."""
-    return {name: spec.description for name, spec in sorted(_METHODS.items())}
+    return _METHODS.descriptions()
 
 
 def sparse_method(name_or_config: str | SparseAttentionConfig) -> SparseMethod:
     name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
     spec = _METHODS.get(name)
     if spec is None or (not isinstance(name_or_config, str) and spec.config_cls is not type(name_or_config)):
-        raise DifcacheError(
-            f"Unknown sparse attention method {name!r}; registered: {', '.join(sorted(_METHODS))}."
-        )
+        raise _METHODS.unknown(name)
     return spec
 
 
@@ -506,13 +481,13 @@ def resolve_sparse_config(
         sparse_method(config)  # an unregistered config class is an error, not a silent no-op
     elif isinstance(method_or_config, str):
         spec = sparse_method(method_or_config)
+        names = sorted(f.name for f in dataclasses.fields(spec.config_cls))
         try:
             config = spec.config_cls(**overrides)
-        except TypeError as err:
-            names = sorted(f.name for f in dataclasses.fields(spec.config_cls))
+        except (TypeError, ValueError) as err:  # an unknown field, or a value the config refuses (naming it)
+            if set(overrides) <= set(names):
+                raise DifcacheError(str(err)) from None
             raise DifcacheError(f"{err}; {spec.config_cls.__name__} ({spec.name!r}) fields are: {names}.") from None
-        except ValueError as err:
-            raise DifcacheError(str(err)) from None
         return config
     else:
         raise DifcacheError(

@@ -105,6 +105,40 @@ def check_lists(
         )
 
 
+def check_levels(kv_lvl: torch.Tensor, kv_idx: torch.Tensor) -> None:
+    """PSA's ``kv_lvl [B, H, M, K]`` gives a level for every slot of ``kv_idx``."""
+    if kv_lvl.shape != kv_idx.shape:
+        raise DifcacheError(f"kv_lvl {tuple(kv_lvl.shape)} must match kv_idx {tuple(kv_idx.shape)}.")
+
+
+def check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int,
+    kv_lvl: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """What every backend checks first: :func:`check_qkv`, :func:`check_lists`, and with ``kv_lvl`` (PSA)
+    :func:`check_levels`."""
+    check_qkv(q, k, v, block_size)
+    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    if kv_lvl is not None:
+        check_levels(kv_lvl, kv_idx)
+
+
+def check_triton_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int,
+    kv_lvl: torch.Tensor | None = None,
+) -> bool:  # fmt: skip
+    """:func:`check_launchable`, :func:`check_inputs`, and the head dim the Triton kernels take (a power of two
+    >= 16); returns ``interpret``."""
+    interpret = check_launchable(q)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size, kv_lvl)
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(
+            f"The Triton kernel needs a power-of-two head dim >= 16, got {d}; use backend='torch'."
+        )
+    return interpret
+
+
 def block_lengths(
     n: int, block_size: int, block_len: torch.Tensor | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:

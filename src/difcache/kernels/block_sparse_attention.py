@@ -29,9 +29,8 @@ import difcache.kernels.cpu_extension as cpu_extension
 from difcache.errors import DifcacheError
 from difcache.kernels._common import (
     block_lengths,
-    check_launchable,
-    check_lists,
-    check_qkv,
+    check_inputs,
+    check_triton_inputs,
     expand_kv_heads,
     jit,
     listed_slots,
@@ -43,6 +42,74 @@ from difcache.kernels._common import (
 )
 
 _LOG2E = 1.4426950408889634
+
+
+# The pieces both Triton kernels (this one and PSA's) are built from; `@triton.jit` helpers are inlined.
+@jit
+def load_tile(ptrs, mask, UPCAST: tl.constexpr):  # noqa: N803
+    """``tl.load`` with 0 where masked; fp32 with ``UPCAST`` (bf16 in the interpreter, whose bf16 dot is wrong)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@jit
+def dot(a, b, IEEE: tl.constexpr):  # noqa: N803
+    """``a @ b`` accumulated in fp32; exact fp32 products with ``IEEE`` (fp32 inputs: no TF32)."""
+    if IEEE:  # noqa: SIM108 - a constexpr branch, kept as statements for triton
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@jit
+def query_rows(
+    Q, stride_qb, stride_qh, stride_qn, H, GROUP, N,  # noqa: N803
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """This program's ``BLOCK_M`` query rows (grid: query tiles x batch * heads): ``(b, h, hk, row, offs_m, offs_d,
+    q [BLOCK_M, HEAD_DIM])``, with ``hk`` the key head of query head ``h`` and ``row`` the query block."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    row = (pid_m * BLOCK_M) // BLOCK
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                  offs_m[:, None] < N, UPCAST)  # fmt: skip
+    return b, h, hk, row, offs_m, offs_d, q
+
+
+@jit
+def softmax_step(
+    s, V, keys, valid, offs_d, stride_vn, m_i, l_i, acc,  # noqa: N803
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax (FlashAttention): scores ``s [BLOCK_M, T]`` in log2 units (``-inf`` where
+    masked) of the keys at positions ``keys [T]`` (``valid [T]``) of the value rows at ``V``; returns the new
+    ``(m_i, l_i, acc)``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_tile(V + keys[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], UPCAST=UPCAST)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@jit
+def store_rows(O, LSE, acc, m_i, l_i, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, N):  # noqa: N803
+    """Normalise and write the rows: ``out`` 0 and ``lse`` ``-inf`` where no key was attended."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
+    tl.store(LSE + tl.program_id(1) * N + offs_m, lse, mask=offs_m < N)
 
 
 @jit
@@ -68,18 +135,9 @@ def _bsa_fwd(
     Head-dim columns are contiguous (stride 1). ``qk_scale`` includes log2(e) so the softmax uses exp2. With
     ``HAS_LEN`` (a padded layout) block ``j`` holds ``LEN[j]`` keys; the rest of it is padding, masked.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    row = (pid_m * BLOCK_M) // BLOCK
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    b, h, hk, row, offs_m, offs_d, q = query_rows(
+        Q, stride_qb, stride_qh, stride_qn, H, GROUP, N, HEAD_DIM, BLOCK, BLOCK_M, UPCAST
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -97,36 +155,50 @@ def _bsa_fwd(
             if start < end:  # sub-tiles past the end of a partial (or padded) block hold no keys
                 offs_n = start + tl.arange(0, BLOCK_N)
                 valid = offs_n < end
-                k = tl.load(
-                    k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0
-                )
-                if UPCAST:
-                    k = k.to(tl.float32)
-                if IEEE:  # noqa: SIM108 - a constexpr branch, kept as statements for triton
-                    s = tl.dot(q, k, input_precision="ieee")
-                else:
-                    s = tl.dot(q, k)
+                k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+                k = load_tile(k_ptrs, mask=valid[None, :], UPCAST=UPCAST)
+                s = dot(q, k, IEEE)
                 s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.math.exp2(s - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(
-                    v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0
-                )
-                if UPCAST:
-                    v = v.to(tl.float32)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
-    tl.store(LSE + pid_bh * N + offs_m, lse, mask=offs_m < N)
+                m_i, l_i, acc = softmax_step(s, v_base, offs_n, valid, offs_d, stride_vn, m_i, l_i, acc, UPCAST, IEEE)
+    store_rows(O, LSE, acc, m_i, l_i, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, N)
+
+
+def tile_rows(block_size: int, interpret: bool) -> int:
+    """Query rows (and block-sparse key columns) per Triton tile: 64 compiled, a whole block interpreted."""
+    return block_size if interpret else min(block_size, 64)
+
+
+def launch(
+    kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    extra: tuple[torch.Tensor, ...], block_size: int, scale: float | None, interpret: bool, **constants,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Allocate ``(out, lse)`` and launch ``kernel`` over (query tiles, batch * heads), for both Triton kernels.
+
+    Their arguments: ``q, k, v, out, lse, kv_idx, kv_cnt``, the kernel's own ``extra`` tensors, the strides of
+    ``q, k, v, out, kv_idx, kv_cnt``, ``H, GROUP, N, qk_scale``, then the tile constants (``constants`` adds the
+    kernel's own).
+    """
+    b, h, n, d = q.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    kv_idx, kv_cnt = (x.to(torch.int32).contiguous() for x in (kv_idx, kv_cnt))
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    block_m = tile_rows(block_size, interpret)
+    scale = d**-0.5 if scale is None else scale
+    options = {} if interpret else {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
+    kernel[(triton.cdiv(n, block_m), b * h)](
+        q, k, v, out, lse, kv_idx, kv_cnt, *extra,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+        kv_cnt.stride(0), kv_cnt.stride(1),
+        h, h // k.shape[1], n, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK=block_size, BLOCK_M=block_m,
+        UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, **constants, **options,
+    )  # fmt: skip
+    return out, lse
 
 
 def block_sparse_attention(
@@ -145,37 +217,13 @@ def block_sparse_attention(
     bf16 operands are upcast to fp32 in the interpreter, whose bf16 dot is wrong (triton#11584).
     ``block_len [M]``: a padded layout (see :func:`difcache.kernels._common.block_lengths`).
     """
-    interpret = check_launchable(q)
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
-    b, h, n, d = q.shape
-    if d < 16 or d & (d - 1):
-        raise ValueError(
-            f"The Triton kernel needs a power-of-two head dim >= 16, got {d}; use backend='torch'."
-        )
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    kv_idx = kv_idx.to(torch.int32).contiguous()
+    interpret = check_triton_inputs(q, k, v, kv_idx, kv_cnt, block_size)
     kv_cnt = kv_cnt.to(torch.int32).contiguous()
-    lengths = None if block_len is None else block_lengths(n, block_size, block_len, q.device).to(torch.int32)
-    out = torch.empty_like(q)
-    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    block_m = min(block_size, 64) if not interpret else block_size
-    block_n = min(block_size, 64) if not interpret else block_size
-    scale = d**-0.5 if scale is None else scale
-    grid = (triton.cdiv(n, block_m), b * h)
-    extra = {} if interpret else {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
-    _bsa_fwd[grid](
-        q, k, v, out, lse, kv_idx, kv_cnt, kv_cnt if lengths is None else lengths,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-        kv_cnt.stride(0), kv_cnt.stride(1),
-        h, h // k.shape[1], n, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, HAS_LEN=lengths is not None,
-        **extra,
+    # LEN is only read with HAS_LEN; without a padded layout any int32 tensor stands in for it
+    lengths = kv_cnt if block_len is None else block_lengths(q.shape[2], block_size, block_len, q.device)
+    out, lse = launch(
+        _bsa_fwd, q, k, v, kv_idx, kv_cnt, (lengths.to(torch.int32),), block_size, scale, interpret,
+        BLOCK_N=tile_rows(block_size, interpret), HAS_LEN=block_len is not None,
     )  # fmt: skip
     return mask_padding_rows(out, lse, block_size, block_len)
 
@@ -247,8 +295,7 @@ def block_sparse_attention_torch(
     statistics, ``heads_per_chunk`` heads at a time to bound the memory (``~ density * N^2 * D / block_size``
     per head).
     """
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
@@ -286,8 +333,7 @@ def block_sparse_attention_cpp(
     Blocks are passed to the kernel as ranges (:func:`range_sparse_attention_cpp`): block ``j`` is
     ``[j * block_size, j * block_size + len_j)``, so padding in a padded layout is never computed.
     """
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size)
     b, h, n, _ = q.shape
     lengths = block_lengths(n, block_size, block_len)
     starts = torch.arange(lengths.numel()) * block_size
@@ -522,8 +568,7 @@ def block_sparse_attention_reference(
     block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 reference: the token mask of the listed blocks, then a masked softmax. O(N^2) memory."""
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     m = math.ceil(n / block_size)

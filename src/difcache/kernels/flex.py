@@ -21,8 +21,7 @@ import torch
 
 from difcache.kernels._common import (
     block_lengths,
-    check_lists,
-    check_qkv,
+    check_inputs,
     listed_slots,
     mask_padding_rows,
     token_valid,
@@ -131,8 +130,7 @@ def block_sparse_attention_flex(
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size)
     n = q.shape[2]
     if extra_k is not None:
         if extra_valid is None:

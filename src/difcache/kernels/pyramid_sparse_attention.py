@@ -19,11 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from difcache.errors import DifcacheError
 from difcache.kernels._common import (
-    check_launchable,
-    check_lists,
-    check_qkv,
+    check_inputs,
+    check_triton_inputs,
     expand_kv_heads,
     jit,
     listed_slots,
@@ -31,18 +29,22 @@ from difcache.kernels._common import (
     pad_blocks,
     tl,
     token_valid,
-    triton,
 )
 from difcache.kernels.block_sparse_attention import (
     cpu_chunk,
+    dot,
     fused_block_attention,
     gather_blocks,
+    launch,
+    load_tile,
     masked_softmax_av,
+    query_rows,
     select_rows,
+    softmax_step,
+    store_rows,
 )
 
 LEVELS = 4  # pooling factors 1, 2, 4, 8
-_LOG2E = 1.4426950408889634
 
 
 def pool_tokens(
@@ -85,14 +87,9 @@ def kv_pyramid(
     return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(bias)
 
 
-def check_levels(kv_lvl: torch.Tensor, kv_idx: torch.Tensor) -> None:
-    if kv_lvl.shape != kv_idx.shape:
-        raise DifcacheError(f"kv_lvl {tuple(kv_lvl.shape)} must match kv_idx {tuple(kv_idx.shape)}.")
-
-
 @jit
 def _psa_fwd(
-    Q, KP, VP, BIAS, O, LSE, IDX, LVL, CNT,  # noqa: N803
+    Q, KP, VP, O, LSE, IDX, CNT, LVL, BIAS,  # noqa: N803
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -111,21 +108,9 @@ def _psa_fwd(
     The level is a runtime value, the tile width a compile-time one, so the four levels are four unrolled
     branches with tile widths ``BLOCK >> level`` (at least 16, the smallest ``tl.dot``; extra columns masked).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    row = (pid_m * BLOCK_M) // BLOCK
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-        mask=offs_m[:, None] < N,
-        other=0.0,
+    b, h, hk, row, offs_m, offs_d, q = query_rows(
+        Q, stride_qb, stride_qh, stride_qn, H, GROUP, N, HEAD_DIM, BLOCK, BLOCK_M, UPCAST
     )
-    if UPCAST:
-        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
@@ -145,38 +130,13 @@ def _psa_fwd(
                 cols = j * WIDTH + tl.arange(0, TILE)
                 valid = (tl.arange(0, TILE) < WIDTH) & (cols < n_lv)
                 pos = offset + cols
-                k = tl.load(
-                    k_base + pos[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], other=0.0
-                )
-                if UPCAST:
-                    k = k.to(tl.float32)
-                if IEEE:  # noqa: SIM108 - a constexpr branch, kept as statements for triton
-                    s = tl.dot(q, k, input_precision="ieee")
-                else:
-                    s = tl.dot(q, k)
+                k = load_tile(k_base + pos[None, :] * stride_kn + offs_d[:, None], mask=valid[None, :], UPCAST=UPCAST)
+                s = dot(q, k, IEEE)
                 bias = tl.load(BIAS + pos, mask=valid, other=0.0)
                 s = tl.where(valid[None, :], s * qk_scale + bias[None, :] * 1.4426950408889634, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.math.exp2(s - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(
-                    v_base + pos[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0
-                )
-                if UPCAST:
-                    v = v.to(tl.float32)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = softmax_step(s, v_base, pos, valid, offs_d, stride_vn, m_i, l_i, acc, UPCAST, IEEE)
             offset += (N + (1 << lv) - 1) >> lv
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
-    tl.store(LSE + pid_bh * N + offs_m, lse, mask=offs_m < N)
+    store_rows(O, LSE, acc, m_i, l_i, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on, N)
 
 
 def pyramid_sparse_attention(
@@ -193,37 +153,11 @@ def pyramid_sparse_attention(
     """Triton PSA forward; CUDA tensors run compiled, CPU tensors only under ``TRITON_INTERPRET=1``.
 
     ``block_len [M]``: a padded layout; padding keys get a ``-inf`` bias at every level."""
-    interpret = check_launchable(q)
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
-    check_levels(kv_lvl, kv_idx)
-    b, h, n, d = q.shape
-    if d < 16 or d & (d - 1):
-        raise ValueError(
-            f"The Triton kernel needs a power-of-two head dim >= 16, got {d}; use backend='torch'."
-        )
-    kp, vp, bias = kv_pyramid(k, v, None if block_len is None else token_valid(n, block_size, block_len, q.device))
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    kp, vp = kp.contiguous(), vp.contiguous()
-    bias = bias.float().contiguous()
-    kv_idx, kv_cnt, kv_lvl = (x.to(torch.int32).contiguous() for x in (kv_idx, kv_cnt, kv_lvl))
-    out = torch.empty_like(q)
-    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    block_m = block_size if interpret else min(block_size, 64)
-    scale = d**-0.5 if scale is None else scale
-    extra = {} if interpret else {"num_warps": 4 if d <= 64 else 8, "num_stages": 2}
-    _psa_fwd[(triton.cdiv(n, block_m), b * h)](
-        q, kp, vp, bias, out, lse, kv_idx, kv_lvl, kv_cnt,
-        q.stride(0), q.stride(1), q.stride(2),
-        kp.stride(0), kp.stride(1), kp.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-        kv_cnt.stride(0), kv_cnt.stride(1),
-        h, h // k.shape[1], n, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK=block_size, BLOCK_M=block_m,
-        UPCAST=q.dtype == torch.bfloat16 and interpret, IEEE=q.dtype == torch.float32, **extra,
-    )  # fmt: skip
+    interpret = check_triton_inputs(q, k, v, kv_idx, kv_cnt, block_size, kv_lvl)
+    valid = None if block_len is None else token_valid(q.shape[2], block_size, block_len, q.device)
+    kp, vp, bias = kv_pyramid(k, v, valid)
+    extra = (kv_lvl.to(torch.int32).contiguous(), bias.float().contiguous())
+    out, lse = launch(_psa_fwd, q, kp, vp, kv_idx, kv_cnt, extra, block_size, scale, interpret)
     return mask_padding_rows(out, lse, block_size, block_len)
 
 
@@ -256,9 +190,7 @@ def pyramid_sparse_attention_torch(
     Cost is proportional to ``sum(2**-level)`` over the listed blocks. Computed in fp32 on CPU.
     ``block_len [M]``: a padded layout (padding is neither pooled nor attended to).
     """
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
-    check_levels(kv_lvl, kv_idx)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size, kv_lvl)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     valid = None if block_len is None else token_valid(n, block_size, block_len, q.device)
@@ -377,9 +309,7 @@ def pyramid_sparse_attention_reference(
     block_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 reference: every level's pooled keys side by side, a token mask per level, one softmax."""
-    check_qkv(q, k, v, block_size)
-    check_lists(kv_idx, kv_cnt, q, k, block_size)
-    check_levels(kv_lvl, kv_idx)
+    check_inputs(q, k, v, kv_idx, kv_cnt, block_size, kv_lvl)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
     m = math.ceil(n / block_size)
