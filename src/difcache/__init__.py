@@ -7,7 +7,7 @@ handle.remove()
 """
 
 from difcache.adapters import block_adapter, register_adapter
-from difcache.api import CacheHandle, apply_cache, calibrate, remove_cache
+from difcache.api import CacheHandle, apply_cache, autotune, calibrate, remove_cache
 from difcache.attention import (
     AdaSpaSparseConfig,
     PSASparseConfig,
@@ -26,6 +26,7 @@ from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import (
     AlwaysComputeConfig,
+    AutotuneConfig,
     BACConfig,
     DeepCacheConfig,
     DeltaDiTConfig,
@@ -43,6 +44,7 @@ __all__ = [
     "Action",
     "AdaSpaSparseConfig",
     "AlwaysComputeConfig",
+    "AutotuneConfig",
     "BACConfig",
     "CacheConfig",
     "CacheHandle",
@@ -63,6 +65,7 @@ __all__ = [
     "TopKSparseConfig",
     "TopPSparseConfig",
     "apply_cache",
+    "autotune",
     "apply_sparse_attention",
     "block_adapter",
     "calibrate",

@@ -1,5 +1,5 @@
-"""The public verbs: ``apply_cache``, ``remove_cache`` and ``calibrate`` (``autotune`` is beside them in
-:mod:`difcache.autotune`), and the handle ``apply_cache`` returns."""
+"""The public verbs: ``apply_cache``, ``remove_cache``, ``calibrate`` and ``autotune``, and the handle
+``apply_cache`` returns."""
 
 from __future__ import annotations
 
@@ -7,41 +7,17 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from difcache.adapters import layout_of
 from difcache.config import CacheConfig
+from difcache.denoiser import HANDLE_ATTR, check_calibration_call, find_denoiser
 from difcache.engine.calibration import CalibrationSession
 from difcache.engine.runtime import CacheRuntime
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
 from difcache.methods import method_spec, resolve_config
 from difcache.profile import Profile
+from difcache.tuning import autotune as tuning
 from difcache.version import __version__
-
-_HANDLE_ATTR = "_difcache_cache"
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module itself behind a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``)."""
-    while isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
-        module = module._orig_mod
-    return module
-
-
-def find_denoiser(target: Any) -> tuple[torch.nn.Module, Any]:
-    """The denoiser (``transformer`` or ``unet``, unwrapped from ``torch.compile``) and the pipeline it belongs
-    to, or ``(module, None)`` when ``target`` is the module itself."""
-    if isinstance(target, torch.nn.Module):
-        return unwrap(target), None
-    for name in ("transformer", "unet"):
-        module = getattr(target, name, None)
-        if isinstance(module, torch.nn.Module):
-            return unwrap(module), target
-    raise DifcacheError(
-        f"Cannot find a denoiser in {type(target).__name__}: expected a diffusers pipeline with a `transformer` "
-        "or `unet`, or the denoiser module itself (e.g. apply_cache(pipe.transformer, ...))."
-    )
 
 
 class CacheHandle:
@@ -73,8 +49,8 @@ class CacheHandle:
         model = self._runtime.model
         self._runtime.remove()
         self._runtime = None
-        if getattr(model, _HANDLE_ATTR, None) is self:
-            delattr(model, _HANDLE_ATTR)
+        if getattr(model, HANDLE_ATTR, None) is self:
+            delattr(model, HANDLE_ATTR)
 
     def _require(self) -> CacheRuntime:
         if self._runtime is None:
@@ -120,7 +96,7 @@ def apply_cache(
         A :class:`CacheHandle`; the pipeline is called exactly as before.
     """
     model, source = find_denoiser(target)
-    existing = getattr(model, _HANDLE_ATTR, None)
+    existing = getattr(model, HANDLE_ATTR, None)
     if existing is not None:
         raise DifcacheError(
             f"{type(model).__name__} already has a difcache cache ({existing.config!r}); call handle.remove() "
@@ -149,29 +125,18 @@ def apply_cache(
     runtime = CacheRuntime(config.method, layout, plan, source)
     runtime.install()
     handle = CacheHandle(runtime, config)
-    setattr(model, _HANDLE_ATTR, handle)
+    setattr(model, HANDLE_ATTR, handle)
     return handle
 
 
 def remove_cache(target: Any) -> bool:
     """Remove difcache's cache from ``target`` (pipeline or module); returns whether one was active."""
     model, _ = find_denoiser(target)
-    handle = getattr(model, _HANDLE_ATTR, None)
+    handle = getattr(model, HANDLE_ATTR, None)
     if handle is None:
         return False
     handle.remove()
     return True
-
-
-def check_calibration_call(target: Any, call_kwargs: Sequence[dict[str, Any]], num_inference_steps: int) -> None:
-    """The checks ``calibrate`` and ``autotune`` share: inputs given, a sane step count, the model uncached."""
-    if not call_kwargs:
-        raise DifcacheError("At least one entry in call_kwargs is needed (the inputs to run).")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise DifcacheError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
-    model, _ = find_denoiser(target)
-    if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise DifcacheError("Calibration runs the model uncached; call handle.remove() first.")
 
 
 def calibrate(
@@ -213,3 +178,19 @@ def calibrate(
         version=Profile.VERSION,
         difcache_version=__version__,
     )
+
+
+def autotune(
+    pipe: Any, speedup: float, call_kwargs: Sequence[dict[str, Any]], num_inference_steps: int, **options: Any
+) -> Profile:
+    """Fit the schedule, scope and forecast to ``pipe`` for an ideal ``speedup``; returns a :class:`Profile` that
+    ``apply_cache(pipe, profile=...)`` runs. See :func:`difcache.tuning.autotune.autotune` for the options.
+
+    Example::
+
+        profile = difcache.autotune(pipe, speedup=3.0, call_kwargs=[dict(prompt=p) for p in prompts],
+                                    num_inference_steps=50)
+        profile.save("flux-50-3x.json")
+        difcache.apply_cache(pipe, profile="flux-50-3x.json")
+    """
+    return tuning.autotune(pipe, speedup, call_kwargs, num_inference_steps, apply=apply_cache, **options)

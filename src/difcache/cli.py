@@ -1,8 +1,10 @@
-"""The ``difcache`` command: ``demo``, ``bench``, ``calibrate`` and ``list``.
+"""The ``difcache`` command: ``demo``, ``bench``, ``calibrate``, ``autotune`` and ``list``.
 
 difcache demo                                   # bundled DiT + UNet, uncached vs cached, side-by-side PNG
 difcache bench --model dit --out runs/bench     # every method and the alternatives, JSON/Markdown/Pareto
+difcache bench --model dit --autotune 1.5 2 3 4 5 --out runs/autotune-dit   # vs every curve's best at equal work
 difcache calibrate --model dit --method teacache --out dit-teacache.json
+difcache autotune --model dit --speedup 3 --out dit-3x.json   # schedule, scope and forecast fitted; + dit-3x.png
 difcache list                                   # methods and supported models
 """
 
@@ -87,6 +89,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from difcache.bench.alternatives import ALTERNATIVES
+    from difcache.bench.autotune import run_autotune_bench, sweep_variants
     from difcache.bench.run import alternative_variant, difcache_variant, markdown_table, run_bench, write_report
     from difcache.bench.targets import build_target, default_variants
 
@@ -104,8 +107,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target = build_target(args.model, steps=args.steps, seeds=args.seeds)
-    makers = makers or default_variants(args.model)
-    report = run_bench(target, makers, repeats=args.repeats, fid_samples=args.fid_samples)
+    if args.autotune:  # autotune against every curve's best setting at its work (sweep, then time the contenders)
+        others = makers or sweep_variants(args.model)
+        report = run_autotune_bench(target, args.autotune, others, calls=args.calls, repeats=args.repeats)
+    else:
+        report = run_bench(target, makers or default_variants(args.model), repeats=args.repeats,
+                           fid_samples=args.fid_samples)  # fmt: skip
     out = write_report(report, args.out)
     print(markdown_table(report))
     print(f"\nwrote {out}/bench.json, bench.md and the Pareto plots")
@@ -114,15 +121,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import difcache
-    from difcache.bench.targets import build_target, calibration_calls
+    from difcache.bench.targets import build_target
 
     _check_out(args.out, is_dir=False)
     target = build_target(args.model, steps=args.steps, seeds=(0,))
     profile = difcache.calibrate(
-        target.pipe, args.method, calibration_calls(args.model, args.calls), num_inference_steps=args.steps
+        target.pipe, args.method, target.calibration_calls(args.calls), num_inference_steps=args.steps
     )
     profile.save(args.out)
     print(f"wrote {args.out}: {json.dumps({k: v for k, v in profile.config.items()})}")
+    return 0
+
+
+def _cmd_autotune(args: argparse.Namespace) -> int:
+    import difcache
+    from difcache.bench.targets import build_target
+    from difcache.tuning.figure import plot_profile
+
+    _check_out(args.out, is_dir=False)
+    target = build_target(args.model, steps=args.steps, seeds=(0,))
+    profile = difcache.autotune(
+        target.pipe, args.speedup, target.calibration_calls(args.calls), args.steps, seconds=args.seconds
+    )
+    profile.save(args.out)
+    data = profile.data
+    print(
+        f"wrote {args.out}: {data['name']}, ideal {data['ideal_speedup']:.3f}x (asked {args.speedup:g}x), "
+        f"calibration PSNR {data['calibration_psnr']:.2f} dB over {args.calls} calls"
+    )
+    try:
+        print(f"wrote {plot_profile(profile, Path(args.out).with_suffix('.png'))}")
+    except ImportError:
+        print("matplotlib is not installed: no figure (pip install matplotlib).")
+    print(f'use it: difcache.apply_cache(pipe, profile="{args.out}")')
     return 0
 
 
@@ -137,6 +168,20 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _above_one(text: str) -> float:
+    value = float(text)
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number > 1, got {text}")
     return value
 
 
@@ -159,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="*", help="e.g. taylorseer:interval=4 diffusers-fbc:threshold=0.1")
     bench.add_argument("--steps", type=_positive, default=50)
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    bench.add_argument("--repeats", type=_positive, default=5)
+    bench.add_argument("--repeats", type=_non_negative, default=5, help="timed rounds (0: quality and FLOPs only)")
+    bench.add_argument(
+        "--autotune", type=_above_one, nargs="+", metavar="SPEEDUP",
+        help="autotune at these ideal speedups (fitted on calibration calls, never the bench seeds) against every "
+        "alternative's and hand-set method's best setting at equal work (--variants: only those)",
+    )  # fmt: skip
+    bench.add_argument("--calls", type=_positive, default=4, help="calibration calls for --autotune")
     bench.add_argument("--threads", type=int, default=0)
     bench.add_argument(
         "--fid-samples", type=int, default=128,
@@ -175,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calls", type=_positive, default=4, help="calibration pipeline calls")
     cal.add_argument("--out", required=True)
     cal.set_defaults(fn=_cmd_calibrate)
+
+    tune = sub.add_parser("autotune", help="fit schedule, scope and forecast to a model and budget (profile + PNG)")
+    tune.add_argument("--model", default="dit", help="bundled model (dit, unet, video) or tiny:<family>")
+    tune.add_argument("--speedup", type=_above_one, required=True, help="ideal (FLOPs) speedup, e.g. 3")
+    tune.add_argument("--steps", type=_positive, default=50)
+    tune.add_argument("--calls", type=_positive, default=4, help="calibration pipeline calls")
+    tune.add_argument("--seconds", type=float, default=75.0, help="time for running candidates after recording")
+    tune.add_argument("--out", required=True, help="profile JSON; the figure goes beside it as .png")
+    tune.set_defaults(fn=_cmd_autotune)
 
     lst = sub.add_parser("list", help="methods, supported models and installed alternatives")
     lst.set_defaults(fn=_cmd_list)

@@ -73,10 +73,15 @@ def _shapes_target(fid: bool) -> BenchTarget:
         labels = [(seed + k) % len(CLASSES) for k in range(n)]
         return pipe(labels, num_inference_steps=6, generator=torch.Generator().manual_seed(seed)).images
 
+    def calibration_calls(n: int) -> list[dict]:
+        return [{"class_labels": [i % len(CLASSES)], "generator": torch.Generator().manual_seed(1000 + i)}
+                for i in range(n)]  # fmt: skip
+
     return BenchTarget(
         "random shapes DiT", pipe, call, 6, (0,),
         (lambda n: call(7, n)) if fid else None,
         (lambda n: (make_images(n, size=size, seed=1)[0] + 1) / 2) if fid else None,
+        calibration_calls=calibration_calls,
     )  # fmt: skip
 
 
@@ -176,3 +181,65 @@ def test_matched_comparison_takes_the_best_difcache_row_at_least_as_fast():
     assert result["alt mid"]["difcache"]["label"] == "ours fast" and not result["alt mid"]["beaten"]
     assert result["alt fastest"]["difcache"] is None and not result["alt fastest"]["beaten"]
     assert "| alt mid | 2.00× | 35.00 | ours fast | 3.00× | 31.00 | **no** |" in markdown_table(report)
+
+
+def test_autotune_command_writes_a_profile_and_its_figure(tmp_path, capsys):
+    out = tmp_path / "tiny-dit.json"
+    assert main(["autotune", "--model", "tiny:dit", "--speedup", "1.5", "--steps", "6", "--calls", "1",
+                 "--seconds", "0", "--out", str(out)]) == 0  # fmt: skip
+    profile = json.loads(out.read_text())
+    assert profile["method"] == "autotune" and profile["num_steps"] == 6
+    assert profile["data"]["ideal_speedup"] >= 1.5
+    printed = capsys.readouterr().out
+    assert f'profile="{out}"' in printed
+    if "matplotlib" in printed or out.with_suffix(".png").exists():
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("speedup", ["1", "0.5", "x"])
+def test_autotune_command_refuses_a_bad_speedup_in_one_line(speedup, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["autotune", "--speedup", speedup, "--out", "x.json"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bench_autotune_compares_with_each_curve_at_equal_work(tmp_path):
+    code = main([
+        "bench", "--model", "tiny:dit", "--steps", "6", "--seeds", "0", "--repeats", "1", "--out", str(tmp_path),
+        "--autotune", "1.5", "--calls", "1", "--variants", "diffusers-taylorseer:interval=2,warmup=1",
+        "taylorseer:interval=3,warmup=1",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    tuned = rows["autotune 1.5x"]
+    assert tuned["status"] == "ok" and tuned["ideal_speedup"] >= 1.5
+    assert tuned["setting"]["tuned_seconds"] > 0 and tuned["setting"]["chosen"]
+    assert tuned["measured_speedup"] is not None and tuned["engine_efficiency"] is not None  # timed in stage 2
+    (margins,) = report["autotune"]["margins"]
+    for best in margins["margins"].values():
+        if best is not None:
+            assert rows[best["label"]]["ideal_speedup"] >= tuned["ideal_speedup"]
+            assert best["margin"] == pytest.approx(tuned["psnr"] - rows[best["label"]]["psnr"])
+    assert "autotune against each curve" in (tmp_path / "bench.md").read_text()
+
+
+def test_autotune_margins_take_each_curves_best_row_at_the_same_or_less_work():
+    from difcache.bench.run import autotune_margins
+
+    def row(label, group, ideal, psnr):
+        return {"label": label, "group": group, "ideal_speedup": ideal, "psnr": psnr, "status": "ok",
+                "measured_speedup": None}  # fmt: skip
+
+    report = {"rows": [
+        row("tuned", "difcache:autotune", 3.0, 40.0),
+        row("a slow", "alt", 2.5, 45.0),  # more work: not a competitor
+        row("a fast", "alt", 3.2, 37.0), row("a faster", "alt", 4.0, 33.0),
+        row("b fast", "difcache:taylorseer", 3.0, 38.5),
+        row("c slow", "other", 2.0, 50.0),
+    ]}  # fmt: skip
+    (result,) = autotune_margins(report)
+    assert result["margins"]["alt"]["label"] == "a fast" and result["margins"]["alt"]["margin"] == pytest.approx(3.0)
+    assert result["margins"]["difcache:taylorseer"]["margin"] == pytest.approx(1.5)
+    assert result["margins"]["other"] is None

@@ -12,8 +12,8 @@ is reported as missing (never silently skipped); one that fails on a model is re
   TaylorSeer gets identifiers that match the model's real attention and FFN modules (its defaults match
   nothing on several families), and fp32 factors like difcache. MagCache is calibrated first
   (``calibrate=True``) and its printed ratios are parsed, as its docs instruct.
-* cache-dit: ``cache_dit.enable_cache`` with ``DBCacheConfig`` (F1B0), with and without its TaylorSeer
-  calibrator.
+* cache-dit: ``cache_dit.enable_cache`` with ``DBCacheConfig`` (F1B0), without a calibrator and with each of
+  its calibrators (TaylorSeer, FoCa, DMD).
 * the DeepCache package (``DeepCacheSDHelper``) for UNet pipelines.
 """
 
@@ -33,7 +33,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
 
 from difcache.adapters import layout_of
-from difcache.api import find_denoiser
+from difcache.denoiser import find_denoiser
 
 Remove = Callable[[], None]
 
@@ -179,7 +179,9 @@ def _diffusers_pab(pipe: Any, setting: dict, steps: int) -> Remove:
 
 
 # ---------------------------------------------------------------------------------------------- cache-dit
-def _cache_dit(calibrated: bool) -> Callable[[Any, dict, int], Remove]:
+def _cache_dit(kind: str | None) -> Callable[[Any, dict, int], Remove]:
+    """DBCache (F1B0 by default), with one of cache-dit's calibrators on the cached residual or none."""
+
     def apply(pipe: Any, setting: dict, steps: int) -> Remove:
         import cache_dit
 
@@ -190,7 +192,12 @@ def _cache_dit(calibrated: bool) -> Callable[[Any, dict, int], Remove]:
             max_warmup_steps=setting.get("warmup", 4),
             num_inference_steps=steps,
         )
-        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if calibrated else None
+        calibrator = {
+            None: lambda: None,
+            "taylorseer": lambda: cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=setting.get("order", 1)),
+            "foca": lambda: cache_dit.FoCaCalibratorConfig(),
+            "dmd": lambda: cache_dit.DMDCalibratorConfig(),
+        }[kind]()
         target = _cache_dit_target(pipe)
         with contextlib.redirect_stdout(io.StringIO()):
             cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
@@ -235,8 +242,10 @@ ALTERNATIVES: dict[str, Alternative] = {
         Alternative("diffusers-fbc", "diffusers", _diffusers_fbc, "threshold"),
         Alternative("diffusers-magcache", "diffusers", _diffusers_magcache, "threshold"),
         Alternative("diffusers-pab", "diffusers", _diffusers_pab, "skip_range"),
-        Alternative("cache-dit-dbcache", "cache_dit", _cache_dit(False), "threshold"),
-        Alternative("cache-dit-dbcache-taylorseer", "cache_dit", _cache_dit(True), "threshold"),
+        Alternative("cache-dit-dbcache", "cache_dit", _cache_dit(None), "threshold"),
+        Alternative("cache-dit-dbcache-taylorseer", "cache_dit", _cache_dit("taylorseer"), "threshold"),
+        Alternative("cache-dit-dbcache-foca", "cache_dit", _cache_dit("foca"), "threshold"),
+        Alternative("cache-dit-dbcache-dmd", "cache_dit", _cache_dit("dmd"), "threshold"),
         Alternative("deepcache-package", "DeepCache", _deepcache_package, "interval"),
     )
 }

@@ -38,10 +38,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import difcache
-from difcache.api import find_denoiser
 from difcache.bench.alternatives import ALTERNATIVES
 from difcache.bench.memory import peak_call_memory
 from difcache.bench.timing import oracle_speedup, paired_speedups, time_units
+from difcache.denoiser import find_denoiser
 from difcache.engine.flops import _CUSTOM
 
 
@@ -56,6 +56,10 @@ class BenchTarget:
     seeds: Sequence[int] = (0, 1)
     sample: Callable[[int], torch.Tensor] | None = None  # n images for FID (fixed seeds and labels), in [0, 1]
     real: Callable[[int], torch.Tensor] | None = None  # n images of the training distribution, in [0, 1]
+    # Calibration inputs, disjoint from ``seeds``: what autotune and the alternatives that calibrate (MagCache)
+    # are fitted on, so every row is judged on seeds nobody tuned on.
+    calibration_seed: int = 1000
+    calibration_calls: Callable[[int], list[dict[str, Any]]] | None = None  # n calls' pipeline kwargs
 
 
 @dataclass
@@ -113,8 +117,34 @@ def alternative_variant(name: str, **setting: Any) -> Callable[[BenchTarget], Va
 
     def make(target: BenchTarget) -> Variant:
         label = name + ("" if not setting else " " + ",".join(f"{k}={v}" for k, v in setting.items()))
-        full = {**setting, "calibration_call": lambda: target.call(target.seeds[0])}
+        full = {**setting, "calibration_call": lambda: target.call(target.calibration_seed)}
         return Variant(label, name, lambda: alternative.apply(target.pipe, full, target.steps), dict(setting))
+
+    return make
+
+
+def autotune_variant(speedup: float, calls: int = 4, **options: Any) -> Callable[[BenchTarget], Variant]:
+    """``difcache.autotune`` at ``speedup``, fitted on the target's calibration calls (never on its seeds). It runs
+    when the variant is first applied (a failure is reported in its row); its time and choice go in the setting."""
+
+    def make(target: BenchTarget) -> Variant:
+        setting: dict[str, Any] = {"speedup": speedup, "calls": calls, **options}
+        profiles: list[Any] = []
+
+        def apply() -> Callable[[], None]:
+            if not profiles:
+                if target.calibration_calls is None:
+                    raise ValueError(f"{target.name} has no calibration calls to autotune on")
+                start = time.perf_counter()
+                profile = difcache.autotune(target.pipe, speedup, target.calibration_calls(calls), target.steps,
+                                            progress=False, **options)  # fmt: skip
+                setting["tuned_seconds"] = round(time.perf_counter() - start, 1)
+                setting["chosen"] = profile.data["name"]
+                setting["calibration_psnr"] = profile.data["calibration_psnr"]
+                profiles.append(profile)
+            return difcache.apply_cache(target.pipe, profile=profiles[0]).remove
+
+        return Variant(f"autotune {speedup:g}x", "difcache:autotune", apply, setting)
 
     return make
 
@@ -232,13 +262,15 @@ def run_bench(
         timed[variant.label] = lambda v=variant: applied[v.label][1].call(target.seeds[0])
         setup[variant.label] = partial(apply_for_timing, variant)
         teardown[variant.label] = lambda v=variant: applied.pop(v.label)[0]()
-    progress(f"timing {len(timed) - 1} variants, each paired with an uncached call, {repeats} rounds")
-    medians, speedups = paired_speedups(timed, "uncached", repeats=repeats, setup=setup, teardown=teardown)
-    for row in rows:
-        if row.label in speedups:
-            row.seconds = medians[row.label]
-            row.measured_speedup = speedups[row.label]
-    for label, (units, skipped) in skipped_units.items():
+    medians: dict[str, float] = {}
+    if repeats > 0:  # repeats=0: quality and FLOPs only
+        progress(f"timing {len(timed) - 1} variants, each paired with an uncached call, {repeats} rounds")
+        medians, speedups = paired_speedups(timed, "uncached", repeats=repeats, setup=setup, teardown=teardown)
+        for row in rows:
+            if row.label in speedups:
+                row.seconds = medians[row.label]
+                row.measured_speedup = speedups[row.label]
+    for label, (units, skipped) in skipped_units.items() if repeats > 0 else ():
         row = next(r for r in rows if r.label == label)
         times = time_units(units, lambda: target.call(target.seeds[0]), repeats=3)
         row.oracle_speedup = oracle_speedup(times, skipped)
@@ -248,7 +280,7 @@ def run_bench(
         "steps": target.steps,
         "seeds": list(target.seeds),
         "repeats": repeats,
-        "uncached_seconds": medians["uncached"],
+        "uncached_seconds": medians.get("uncached"),
         "uncached_peak_mib": uncached_peak,
         "uncached_fid": uncached_fid,
         "fid_samples": fid_samples if fid is not None else 0,
@@ -263,9 +295,14 @@ def run_bench(
 
 def markdown_table(report: dict) -> str:
     lines = [
-        f"**{report['target']}**, {report['steps']} steps, seeds {report['seeds']}, measured: median of "
-        f"{report['repeats']} (uncached, variant) pairs, uncached {report['uncached_seconds']:.3f}s, "
-        f"{report['threads']} threads, torch {report['torch']}.",
+        f"**{report['target']}**, {report['steps']} steps, seeds {report['seeds']}, "
+        + (
+            f"measured: median of {report['repeats']} (uncached, variant) pairs, uncached "
+            f"{report['uncached_seconds']:.3f}s, "
+            if report["uncached_seconds"] is not None
+            else "not timed (--repeats 0), "
+        )
+        + f"{report['threads']} threads, torch {report['torch']}.",
         "",
         "| variant | measured | ideal | oracle | efficiency | PSNR dB | SSIM | FID | peak MiB | cache MiB | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -309,7 +346,7 @@ def markdown_table(report: dict) -> str:
                 f"{f(best and best['ideal'], '.2f')}{'×' if best else ''} | {f(best and best['psnr'], '.2f')} | "
                 f"{'yes' if c['beaten'] else 'tie' if c['tie'] else '**no**'} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _margins_table(report))
 
 
 _PSNR_TIE = 0.01  # dB: equal PSNR to two decimals, e.g. the same algorithm and schedule giving identical images
@@ -337,6 +374,49 @@ def matched_comparison(report: dict) -> list[dict]:
             "tie": best is not None and abs(best["psnr"] - alt["psnr"]) <= _PSNR_TIE,
         })  # fmt: skip
     return out
+
+
+AUTOTUNE_GROUP = "difcache:autotune"
+
+
+def autotune_margins(report: dict) -> list[dict]:
+    """For every autotune row and every other curve (each alternative, each hand-set difcache method): that
+    curve's best PSNR among its rows at the same or less work (ideal speedup at least autotune's), and autotune's
+    margin over it in dB (``None`` where no row of the curve does that little work). Issue 20's target is a
+    margin of at least 1 dB over every curve."""
+    ok = [r for r in report["rows"] if r["status"] == "ok" and r["ideal_speedup"] and r["psnr"] is not None]
+    out = []
+    for tuned in (r for r in ok if r["group"] == AUTOTUNE_GROUP):
+        margins: dict[str, dict | None] = {}
+        for group in sorted({r["group"] for r in ok} - {AUTOTUNE_GROUP}):
+            rows = [r for r in ok if r["group"] == group and r["ideal_speedup"] >= tuned["ideal_speedup"]]
+            best = max(rows, key=lambda r: r["psnr"], default=None)
+            margins[group] = None if best is None else {
+                "label": best["label"], "ideal": best["ideal_speedup"], "psnr": best["psnr"],
+                "margin": tuned["psnr"] - best["psnr"],
+            }  # fmt: skip
+        out.append({"label": tuned["label"], "ideal": tuned["ideal_speedup"], "psnr": tuned["psnr"],
+                    "measured": tuned["measured_speedup"], "margins": margins})  # fmt: skip
+    return out
+
+
+def _margins_table(report: dict) -> list[str]:
+    rows = autotune_margins(report)
+    if not rows:
+        return []
+    groups = sorted({g for r in rows for g in r["margins"]})
+    lines = [
+        "",
+        "autotune against each curve's best PSNR at the same or less work (ideal speedup at least autotune's): "
+        "margin in dB (— where no setting of that curve does that little work).",
+        "",
+        "| autotune | ideal | PSNR dB | " + " | ".join(groups) + " |",
+        "|---|---|---|" + "---|" * len(groups),
+    ]
+    for r in rows:
+        cells = ["—" if r["margins"][g] is None else f"{r['margins'][g]['margin']:+.2f}" for g in groups]
+        lines.append(f"| {r['label']} | {r['ideal']:.2f}× | {r['psnr']:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def pareto_points(rows: list[dict], x: str) -> tuple[dict[str, list[tuple[float, float]]], float | None]:

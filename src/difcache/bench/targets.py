@@ -6,6 +6,7 @@ of ideal speedups (the Pareto plot compares them at matched speedup).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
 
         return BenchTarget(
             f"bundled DiT ({size}x{size} pixels, 6 blocks, batched CFG 3.0)", pipe, call, steps, seeds,
-            sample, lambda n: _real_images(n, size),
+            sample, lambda n: _real_images(n, size), calibration_calls=partial(calibration_calls, name),
         )  # fmt: skip
     if name == "unet":
         pipe = load("unet")
@@ -53,6 +54,7 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
         return BenchTarget(
             f"bundled UNet2DModel ({size}x{size}, DDIM)", pipe, lambda seed: unet_images(4, seed), steps, seeds,
             lambda n: unet_images(n, _FID_SEED), lambda n: _real_images(n, size),
+            calibration_calls=partial(calibration_calls, name),
         )  # fmt: skip
     if name == "video":
         pipe = load("video")
@@ -63,7 +65,8 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
                          generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
             return clip_frames(clips)
 
-        return BenchTarget("bundled Wan video DiT (8x16x16 pixels, sequential CFG)", pipe, call, steps, seeds)
+        return BenchTarget("bundled Wan video DiT (8x16x16 pixels, sequential CFG)", pipe, call, steps, seeds,
+                           calibration_calls=partial(calibration_calls, name))  # fmt: skip
     if name.startswith("tiny:"):
         from difcache.models.tiny import output_of, tiny_call_kwargs, tiny_pipeline
 
@@ -75,10 +78,14 @@ def build_target(name: str, steps: int = 50, seeds: tuple[int, ...] | list[int] 
             out = output_of(pipe(**tiny_call_kwargs(family, num_inference_steps=steps, seed=seed)))
             return out.reshape(-1, *out.shape[-3:]).permute(0, 3, 1, 2)
 
-        return BenchTarget(f"tiny random {family} pipeline", pipe, call, steps, seeds)
+        def calls(n: int) -> list[dict[str, Any]]:
+            return [tiny_call_kwargs(family, num_inference_steps=steps, seed=_CALIBRATION_SEED + i) for i in range(n)]
+
+        return BenchTarget(f"tiny random {family} pipeline", pipe, call, steps, seeds, calibration_calls=calls)
     raise DifcacheError(f"Unknown bench model {name!r}; use dit, unet, video or tiny:<family>.")
 
 
+_CALIBRATION_SEED = 1000  # calibration calls (autotune, calibrate, MagCache) use seeds from here on
 _FID_SEED = 10_000  # FID samples use seeds and real images disjoint from the bench calls and the training data
 
 
@@ -93,11 +100,11 @@ def calibration_calls(name: str, n: int) -> list[dict[str, Any]]:
     from difcache.models import CLASSES
 
     if name == "unet":
-        return [{"batch_size": 2, "generator": torch.Generator().manual_seed(1000 + i)} for i in range(n)]
+        return [{"batch_size": 2, "generator": torch.Generator().manual_seed(_CALIBRATION_SEED + i)} for i in range(n)]
     return [
         {
             "class_labels": [i % len(CLASSES), (i + 1) % len(CLASSES)],
-            "generator": torch.Generator().manual_seed(1000 + i),
+            "generator": torch.Generator().manual_seed(_CALIBRATION_SEED + i),
         }
         for i in range(n)
     ]

@@ -25,8 +25,8 @@ import torch
 
 import difcache
 from difcache.adapters import layout_of
-from difcache.api import find_denoiser
 from difcache.config import CacheConfig
+from difcache.denoiser import find_denoiser
 from difcache.errors import DifcacheError
 from difcache.methods import method_spec, resolve_config
 

@@ -3,6 +3,7 @@ forecaster); calibrated methods keep their calibrator beside it in ``<method>_ca
 
 from difcache.methods import (  # noqa: F401  (registration)
     always_compute,
+    autotuned,
     bac,
     bac_calibration,
     deepcache,
@@ -15,6 +16,7 @@ from difcache.methods import (  # noqa: F401  (registration)
     teacache_calibration,
 )
 from difcache.methods.always_compute import AlwaysComputeConfig
+from difcache.methods.autotuned import AutotuneConfig
 from difcache.methods.bac import BACConfig
 from difcache.methods.deepcache import DeepCacheConfig
 from difcache.methods.delta_dit import DeltaDiTConfig
@@ -33,6 +35,7 @@ from difcache.methods.teacache import TeaCacheConfig
 
 __all__ = [
     "AlwaysComputeConfig",
+    "AutotuneConfig",
     "BACConfig",
     "DeepCacheConfig",
     "DeltaDiTConfig",
