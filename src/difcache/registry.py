@@ -2,7 +2,8 @@
 
 Each method module registers itself with a decorator, so a new method is one new file and no ``isinstance``
 ladder grows; a name nothing is registered under raises one :class:`~difcache.errors.DifcacheError` listing the
-registered names. Used by :mod:`difcache.attention.config` (sparse attention methods).
+registered names. Used by :mod:`difcache.methods.registry` (cache methods) and :mod:`difcache.attention.config`
+(sparse attention methods).
 """
 
 from __future__ import annotations

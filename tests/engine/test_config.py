@@ -49,7 +49,7 @@ def test_overrides_are_validated_and_unknown_names_listed():
 
 
 def test_unknown_method_lists_available():
-    with pytest.raises(difcache.DifcacheError, match="Available methods: .*taylorseer"):
+    with pytest.raises(difcache.DifcacheError, match="Unknown method .*registered: .*taylorseer"):
         resolve_config("nope", "flux", {})
 
 

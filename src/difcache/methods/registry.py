@@ -7,13 +7,14 @@ A new method is one new file that defines a config and decorates its build funct
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from difcache.adapters.layout import Layout
 from difcache.config import CacheConfig
 from difcache.core import Plan
 from difcache.errors import DifcacheError
+from difcache.registry import Registry
 
 BuildFn = Callable[[Any, Layout], Plan]
 # fn(config, layout, session: calibration.CalibrationSession, call_kwargs: list[dict]) -> JSON-serialisable data
@@ -29,28 +30,19 @@ class MethodSpec:
     calibrate: CalibrateFn | None = None
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(config_cls: type[CacheConfig], description: str) -> Callable[[BuildFn], BuildFn]:
     """Decorator registering ``build`` for ``config_cls`` under ``config_cls.method``."""
-
-    def decorate(build: BuildFn) -> BuildFn:
-        _METHODS[config_cls.method] = MethodSpec(config_cls.method, config_cls, build, description)
-        return build
-
-    return decorate
+    return _METHODS.decorator(
+        config_cls.method, lambda build: MethodSpec(config_cls.method, config_cls, build, description)
+    )
 
 
 def register_calibrator(config_cls: type[CacheConfig]) -> Callable[[CalibrateFn], CalibrateFn]:
     """Decorator registering the offline calibration of an already registered method."""
-
-    def decorate(fn: CalibrateFn) -> CalibrateFn:
-        spec = _METHODS[config_cls.method]
-        _METHODS[config_cls.method] = MethodSpec(spec.name, spec.config_cls, spec.build, spec.description, fn)
-        return fn
-
-    return decorate
+    return _METHODS.decorator(config_cls.method, lambda fn: replace(_METHODS.lookup(config_cls.method), calibrate=fn))
 
 
 def config_from_dict(raw: dict[str, Any]) -> CacheConfig:
@@ -62,15 +54,12 @@ def config_from_dict(raw: dict[str, Any]) -> CacheConfig:
 
 def list_methods() -> dict[str, str]:
     """Registered method names and one-line descriptions."""
-    return {name: spec.description for name, spec in sorted(_METHODS.items())}
+    return _METHODS.descriptions()
 
 
 def method_spec(name_or_config: str | CacheConfig) -> MethodSpec:
     name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).method
-    spec = _METHODS.get(name)
-    if spec is None:
-        raise DifcacheError(f"Unknown method {name!r}. Available methods: {', '.join(sorted(_METHODS))}.")
-    return spec
+    return _METHODS.lookup(name)
 
 
 def resolve_config(
