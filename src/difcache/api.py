@@ -14,64 +14,36 @@ from difcache.engine.calibration import CalibrationSession
 from difcache.engine.runtime import CacheRuntime
 from difcache.engine.stats import CacheStats
 from difcache.errors import DifcacheError
+from difcache.handle import Handle
 from difcache.methods import method_spec, resolve_config
 from difcache.profile import Profile
 from difcache.tuning import autotune as tuning
 from difcache.version import __version__
 
 
-class CacheHandle:
+class CacheHandle(Handle[CacheRuntime]):
     """What ``apply_cache`` returns: ``stats()``, ``remove()``, and a context manager that removes on exit."""
 
-    def __init__(self, runtime: CacheRuntime, config: CacheConfig) -> None:
-        self._runtime: CacheRuntime | None = runtime
-        self.config = config
-        self.layout = runtime.layout
+    kind = "cache"
+    verb = "difcache.apply_cache(...)"
+    attr = HANDLE_ATTR
 
-    @property
-    def active(self) -> bool:
-        return self._runtime is not None
+    def __init__(self, runtime: CacheRuntime, config: CacheConfig) -> None:
+        super().__init__(runtime.model, config, runtime)
+        self.layout = runtime.layout
 
     def stats(self) -> CacheStats:
         """Decisions per unit, ideal speedup and store memory since the cache was applied."""
-        if self._runtime is None:
-            raise DifcacheError("This cache was removed; stats are gone. Read stats() before remove().")
-        return self._runtime.sync_stats()
+        return super().stats()
 
-    def reset_stats(self) -> None:
-        """Start counting afresh (e.g. after a warm-up call)."""
-        self._require().reset_stats()
+    def _read_stats(self, runtime: CacheRuntime) -> CacheStats:
+        return runtime.sync_stats()
 
-    def remove(self) -> None:
-        """Remove every hook and restore the scheduler; outputs become bit-identical to the uncached model."""
-        if self._runtime is None:
-            return
-        model = self._runtime.model
-        self._runtime.remove()
-        self._runtime = None
-        if getattr(model, HANDLE_ATTR, None) is self:
-            delattr(model, HANDLE_ATTR)
+    def _release(self, runtime: CacheRuntime) -> None:
+        runtime.remove()
 
-    def _require(self) -> CacheRuntime:
-        if self._runtime is None:
-            raise DifcacheError("This cache was removed; apply a new one with difcache.apply_cache(...).")
-        return self._runtime
-
-    def __enter__(self) -> CacheHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        from difcache.engine.steps import _NO_COPY
-
-        raise DifcacheError(_NO_COPY)
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        units = len(self._runtime.plan.scope.units) if self._runtime is not None else "?"
-        return f"CacheHandle({self.config!r}, {units} units, {state})"
+    def _describe(self) -> str:
+        return f"{len(self._runtime.plan.scope.units)} units" if self._runtime is not None else "? units"
 
 
 def apply_cache(
@@ -96,12 +68,7 @@ def apply_cache(
         A :class:`CacheHandle`; the pipeline is called exactly as before.
     """
     model, source = find_denoiser(target)
-    existing = getattr(model, HANDLE_ATTR, None)
-    if existing is not None:
-        raise DifcacheError(
-            f"{type(model).__name__} already has a difcache cache ({existing.config!r}); call handle.remove() "
-            "or difcache.remove_cache(target) before applying another."
-        )
+    CacheHandle.check_free(model)
     if getattr(model, "is_cache_enabled", False):
         raise DifcacheError(
             f"{type(model).__name__} already has a diffusers cache ({type(model._cache_config).__name__}); "
@@ -125,7 +92,7 @@ def apply_cache(
     runtime = CacheRuntime(config.method, layout, plan, source)
     runtime.install()
     handle = CacheHandle(runtime, config)
-    setattr(model, HANDLE_ATTR, handle)
+    handle.attach()
     return handle
 
 

@@ -11,8 +11,7 @@ from difcache.attention.processors import attention_modules, family_of
 from difcache.attention.runtime import SparseAttentionStats, SparseRuntime
 from difcache.engine.steps import StepTracker
 from difcache.errors import DifcacheError
-
-_HANDLE_ATTR = "_difcache_sparse_attention"
+from difcache.handle import Handle
 
 
 def _denoiser_of(target: Any) -> tuple[torch.nn.Module, Any]:
@@ -27,21 +26,23 @@ def _denoiser_of(target: Any) -> tuple[torch.nn.Module, Any]:
     )
 
 
-class SparseAttentionHandle:
+class SparseAttentionHandle(Handle[SparseRuntime]):
     """What :func:`apply_sparse_attention` returns: ``stats()``, ``remove()``, and a context manager."""
 
+    kind = "sparse attention"
+    verb = "difcache.attention.apply_sparse_attention(...)"
+    attr = "_difcache_sparse_attention"
+
     def __init__(self, model: torch.nn.Module, config: SparseAttentionConfig, scheduler: Any) -> None:
-        self.model = model
-        self.config = config
         self.family = family_of(model)
         modules = attention_modules(model, self.family)
         self._tracker = StepTracker.attach(model, scheduler=scheduler)
-        self._runtime = SparseRuntime(config, self._tracker, num_layers=len(modules))
+        super().__init__(model, config, SparseRuntime(config, self._tracker, num_layers=len(modules)))
+        runtime = self._runtime
         self._originals = [(attn, attn.processor) for attn in modules]
         for layer, attn in enumerate(modules):
-            attn.set_processor(self.family.processor(attn.processor, self._runtime, layer))
+            attn.set_processor(self.family.processor(attn.processor, runtime, layer))
         grid_of = self.family.grid
-        runtime = self._runtime
 
         def set_grid(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             runtime.grid = tuple(int(x) for x in grid_of(module, args, kwargs))
@@ -49,51 +50,26 @@ class SparseAttentionHandle:
         self._grid_hook = model.register_forward_pre_hook(set_grid, with_kwargs=True)
 
     @property
-    def active(self) -> bool:
-        return self._runtime is not None
-
-    @property
     def num_layers(self) -> int:
         return len(self._originals)
 
     def stats(self) -> SparseAttentionStats:
         """Sparse and dense attention calls, patterns selected and reused, and the attention work done."""
-        if self._runtime is None:
-            raise DifcacheError("This sparse attention was removed; read stats() before remove().")
-        return self._runtime.stats()
+        return super().stats()
 
-    def reset_stats(self) -> None:
-        """Start counting afresh (e.g. after a warm-up call)."""
-        if self._runtime is None:
-            raise DifcacheError(
-                "This sparse attention was removed; apply it again with apply_sparse_attention()."
-            )
-        self._runtime.reset_stats()
+    def _read_stats(self, runtime: SparseRuntime) -> SparseAttentionStats:
+        return runtime.stats()
 
-    def remove(self) -> None:
-        """Put the original processors back and detach from the step tracker; outputs are dense again, bit-exact."""
-        if self._runtime is None:
-            return
+    def _release(self, runtime: SparseRuntime) -> None:
+        """Put the original processors back and detach from the step tracker: outputs are dense again, bit-exact."""
         for attn, original in self._originals:
             attn.set_processor(original)
         self._grid_hook.remove()
-        self._runtime.close()
+        runtime.close()
         self._tracker.detach()
-        self._runtime = None
-        if getattr(self.model, _HANDLE_ATTR, None) is self:
-            delattr(self.model, _HANDLE_ATTR)
 
-    def __enter__(self) -> SparseAttentionHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        return (
-            f"SparseAttentionHandle({self.config!r}, {self.family.name}, {self.num_layers} layers, {state})"
-        )
+    def _describe(self) -> str:
+        return f"{self.family.name}, {self.num_layers} layers"
 
 
 def apply_sparse_attention(
@@ -122,11 +98,7 @@ def apply_sparse_attention(
     """
     config = resolve_sparse_config(method, overrides)
     model, scheduler = _denoiser_of(target)
-    existing = getattr(model, _HANDLE_ATTR, None)
-    if existing is not None and existing.active:
-        raise DifcacheError(
-            f"Sparse attention is already applied to this {type(model).__name__}; call remove() on its handle first."
-        )
+    SparseAttentionHandle.check_free(model)
     handle = SparseAttentionHandle(model, config, scheduler)
-    setattr(model, _HANDLE_ATTR, handle)
+    handle.attach()
     return handle

@@ -37,7 +37,7 @@ from difcache.engine.hooks import register
 from difcache.engine.stats import CacheStats, UnitStats
 from difcache.engine.steps import StepTracker, shape_key
 from difcache.engine.store import Entry, FeatureStore
-from difcache.errors import DifcacheError
+from difcache.errors import Uncopyable
 from difcache.policies.base import schedule_table
 
 ROOT_HOOK = "difcache_cache_root"
@@ -88,7 +88,7 @@ class CacheRootHook(ModelHook):
         return output
 
 
-class CacheRuntime:
+class CacheRuntime(Uncopyable):
     """Executes a :class:`~difcache.core.Plan` on ``layout.model`` (see the module docstring).
 
     The interface the scopes' hooks use is ``slots`` and :meth:`decide_live` (:class:`~difcache.core.UnitRuntime`).
@@ -145,16 +145,6 @@ class CacheRuntime:
         self.live.active = False
         self.tracker.detach()
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        from difcache.engine.steps import _NO_COPY
-
-        raise DifcacheError(_NO_COPY)
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        from difcache.engine.steps import _NO_COPY
-
-        raise DifcacheError(_NO_COPY)
 
     # ------------------------------------------------------------------ before each call (eager)
     def _on_new_run(self) -> None:

@@ -49,7 +49,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
 from difcache.core import StepInfo
-from difcache.errors import DifcacheError
+from difcache.errors import DifcacheError, Uncopyable
 
 _TRACKER_ATTR = "_difcache_step_tracker"
 _STEP_HOOK = "difcache_steps"
@@ -103,7 +103,7 @@ class _StepHook(ModelHook):
         return module
 
 
-class StepTracker:
+class StepTracker(Uncopyable):
     """Shared per denoiser; see the module docstring for how steps, branches and runs are found."""
 
     def __init__(self, module: torch.nn.Module) -> None:
@@ -178,12 +178,6 @@ class StepTracker:
     @property
     def uses_scheduler(self) -> bool:
         return bool(self._schedulers)
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        raise DifcacheError(_NO_COPY)
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise DifcacheError(_NO_COPY)
 
     # ------------------------------------------------------------------ scheduler source
     def _bind(self, scheduler: Any) -> None:
@@ -462,12 +456,6 @@ class StepTracker:
             return float(value.detach().reshape(-1)[0]) if value.numel() else None
         return float(value)
 
-
-_NO_COPY = (
-    "A denoiser with difcache's hooks cannot be copied or pickled: the copy would share the original's hooks. "
-    "Copy the model before difcache.apply_cache (or handle.remove(), copy, and apply a cache to each copy); to "
-    "save weights use model.state_dict() or save_pretrained()."
-)
 
 
 def _num_steps(scheduler: Any) -> int | None:
