@@ -149,6 +149,8 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {data['name']}, ideal {data['ideal_speedup']:.3f}x (asked {args.speedup:g}x), "
         f"calibration PSNR {data['calibration_psnr']:.2f} dB over {args.calls} calls"
     )
+    tracking = ", ".join(f"{scope} {rho:+.2f}" for scope, rho in data.get("proxy_tracking", {}).items())
+    print(f"proxy vs calibration PSNR, Spearman's rho per scope: {tracking or 'too few candidates ran'}")
     try:
         print(f"wrote {plot_profile(profile, Path(args.out).with_suffix('.png'))}")
     except ImportError:

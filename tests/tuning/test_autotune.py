@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 import difcache
 from difcache.errors import DifcacheError
 from difcache.models.tiny import output_of, tiny_call_kwargs, tiny_pipeline
-from difcache.tuning.autotune import TOLERANCE, shortlist
+from difcache.tuning.autotune import TOLERANCE, proxy_tracking, shortlist
 
 STEPS = 8
 
@@ -217,3 +217,14 @@ def test_fitted_forecast_falls_back_to_taylor_when_history_differs():
     assert forecaster.combination(5, (4, 2), 0).coefficients == (1.7, -0.7)
     assert forecaster.combination(5, (4, 1), 0).coefficients == taylor_weights(1, 0, 5, (4, 1))
     assert math.isclose(sum(forecaster.combination(6, (4, 2), 0).coefficients), 1.0)
+
+
+def test_proxy_tracking_is_spearman_per_scope_with_lower_proxy_better():
+    def row(scope, proxy, psnr):
+        return {"scope": scope, "proxy": proxy, "calibration_psnr": psnr}
+
+    table = [row("ranges", p, 40 - p) for p in (1.0, 2.0, 3.0)]  # lower proxy, higher PSNR: perfect
+    table += [row("modules", p, 30 + p) for p in (1.0, 2.0, 3.0, 4.0)]  # exactly backwards
+    table += [row("skip_branch", 1.0, 30.0), row("skip_branch", 2.0, 29.0)]  # too few to say
+    tracking = proxy_tracking(table)
+    assert tracking == pytest.approx({"ranges": 1.0, "modules": -1.0})

@@ -5,7 +5,7 @@
    (TaylorSeer-Lite's scope), block ranges each with its own budget (the first block alone, then the rest: a
    static first-block cache; halves; every block), every attention/FFN unit on one shared schedule (TaylorSeer's
    and FORA's scope) and, for UNets, the deep path below each skip branch (DeepCache's). Per scope unit and
-   forecaster family (reuse, one fitted scale, TaylorSeer's first order, two fitted weights), an exact dynamic
+   forecaster family (reuse, Taylor orders 1-3, affine fits over the last 2 or 3 computed features), an exact dynamic
    program gives the best compute set for every number of computed steps; a knapsack then splits the FLOPs
    budget over the units of a scope. Every candidate's ideal speedup is at least the one asked for, and as close
    to it as the scope's granularity allows.
@@ -13,7 +13,9 @@
    recording) and the one whose outputs are closest to the uncached ones (PSNR) wins; a short hill climb then
    moves its computed steps one at a time while that improves the calibration PSNR (``refine``). The proxy
    optimised offline is the scheduler-gain-weighted squared forecast error (:mod:`.search`); it ranks
-   candidates, the final output decides.
+   candidates, the final output decides. How well it ranks them (Spearman's ρ against the calibration PSNR, per
+   scope) is stored in the profile (``data["proxy_tracking"]``, :func:`proxy_tracking`) and reported in
+   ``BENCHMARKS.md``.
 
 The result is a :class:`~difcache.profile.Profile` (method ``"autotune"``) that ``apply_cache`` executes as a
 static table: ``difcache.apply_cache(pipe, profile=profile)``.
@@ -400,8 +402,37 @@ def autotune(
          "step_error": _step_errors(c, rec).tolist()}
         for c in [*ranked, *([best] if refined else [])]
     ]  # fmt: skip
-    extra = {"candidates": table, "gains": rec.gains.tolist(), "requested_speedup": speedup}
+    extra = {"candidates": table, "gains": rec.gains.tolist(), "requested_speedup": speedup,
+             "proxy_tracking": proxy_tracking(table)}  # fmt: skip
     return _profile(best, rec, layout, speedup, extra)
+
+
+def proxy_tracking(table: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How well the offline proxy ranks what it is meant to: per scope with at least three candidates run, the
+    Spearman rank correlation between the proxy (lower is better) and the calibration PSNR (higher is better),
+    sign-flipped so 1 means the proxy orders them exactly as the final output does."""
+    out: dict[str, float] = {}
+    for scope in sorted({c["scope"] for c in table}):
+        rows = [c for c in table if c["scope"] == scope and c["calibration_psnr"] is not None]
+        if len(rows) < 3:
+            continue
+        proxy = _ranks([c["proxy"] for c in rows])
+        psnr = _ranks([c["calibration_psnr"] for c in rows])
+        if proxy.std() > 0 and psnr.std() > 0:
+            out[scope] = float(-np.corrcoef(proxy, psnr)[0, 1])
+    return out
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks (0-based, ties averaged) of ``values``."""
+    x = np.asarray(values, dtype=float)
+    order = x.argsort(kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
 
 
 def _step_errors(cand: Candidate, rec: Recording) -> np.ndarray:
