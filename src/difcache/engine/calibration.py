@@ -53,10 +53,13 @@ class CalibrationSession:
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def run(self, call_kwargs: Sequence[dict[str, Any]], desc: str = "calibration") -> list[Any]:
-        """Run the pipeline once per entry of ``call_kwargs`` (with ``num_inference_steps`` set)."""
+    def run(
+        self, call_kwargs: Sequence[dict[str, Any]], desc: str = "calibration", progress: bool = True
+    ) -> list[Any]:
+        """Run the pipeline once per entry of ``call_kwargs`` (with ``num_inference_steps`` set), with one
+        progress bar over the calls."""
         outputs = []
-        for kwargs in tqdm(call_kwargs, desc=desc, unit="call"):
+        for kwargs in tqdm(call_kwargs, desc=desc, unit="call", disable=not progress):
             self.call_index += 1
             with torch.no_grad():
                 outputs.append(self.pipe(**{**kwargs, "num_inference_steps": self.num_steps}))

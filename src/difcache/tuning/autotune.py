@@ -372,7 +372,7 @@ def autotune(
         raise DifcacheError("autotune needs the pipeline (its scheduler and outputs), not a bare denoiser module.")
     layout = layout_of(model)
     replay = Replay(call_kwargs)
-    rec = record(pipe, layout, replay, num_inference_steps)
+    rec = record(pipe, layout, replay, num_inference_steps, progress=progress)
     found = candidates(rec, speedup, families)
     if not found:
         raise DifcacheError(

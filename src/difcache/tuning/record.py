@@ -86,6 +86,9 @@ class Replay:
             for kwargs in self.calls
         ]
 
+    def __len__(self) -> int:
+        return len(self.calls)
+
     def __iter__(self):
         for kwargs, states in zip(self.calls, self._states, strict=True):
             for generator, state in states:
@@ -97,7 +100,9 @@ def _entries(layout: Layout, samples: int, steps: int, rows: int) -> int:
     return max(256, min(_MAX_ENTRIES, _BUDGET // max(rows * samples * steps, 1)))
 
 
-def record(pipe: Any, layout: Layout, replay: Replay, num_steps: int, units: bool = True) -> Recording:
+def record(
+    pipe: Any, layout: Layout, replay: Replay, num_steps: int, units: bool = True, progress: bool = True
+) -> Recording:
     """Run the uncached pipeline once per calibration call and record (see the module docstring)."""
     model = layout.model
     samples_per_call = 2  # an upper bound on CFG branches, only for the memory budget
@@ -120,10 +125,8 @@ def record(pipe: Any, layout: Layout, replay: Replay, num_steps: int, units: boo
         for b in branches:
             last = model.get_submodule(deep_path(layout, b)[-1])
             session.probe(last, lambda info, a, k, out, b=b: keep("deep", b, info, session.call_index, _flat(out)))
-        outputs = []
         with _measure_gains(pipe.scheduler, gains):
-            for kwargs in replay:
-                outputs.append(pipeline_output(session.run([kwargs], desc="autotune: recording")[0]))
+            outputs = [pipeline_output(o) for o in session.run(replay, desc="autotune: recording", progress=progress)]
     finally:
         session.close()
     rec = Recording(num_steps, type(pipe.scheduler).__name__, outputs=outputs)
