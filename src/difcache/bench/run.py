@@ -416,7 +416,24 @@ def _margins_table(report: dict) -> list[str]:
     for r in rows:
         cells = ["—" if r["margins"][g] is None else f"{r['margins'][g]['margin']:+.2f}" for g in groups]
         lines.append(f"| {r['label']} | {r['ideal']:.2f}× | {r['psnr']:.2f} | " + " | ".join(cells) + " |")
+    if all(r["measured"] is None for r in rows):
+        return lines
+    measured = {row["label"]: row["measured_speedup"] for row in report["rows"]}
+    lines += [
+        "",
+        "Wall time: autotune's measured speedup, and that of each curve's setting in the table above.",
+        "",
+        "| autotune | measured | " + " | ".join(groups) + " |",
+        "|---|---|" + "---|" * len(groups),
+    ]
+    for r in rows:
+        cells = [_speedup(None if r["margins"][g] is None else measured.get(r["margins"][g]["label"])) for g in groups]
+        lines.append(f"| {r['label']} | {_speedup(r['measured'])} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _speedup(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
 
 
 def pareto_points(rows: list[dict], x: str) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
