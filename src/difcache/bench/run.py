@@ -401,34 +401,39 @@ def autotune_margins(report: dict) -> list[dict]:
 
 
 def _margins_table(report: dict) -> list[str]:
+    """Two tables, one row per compared curve and one column per autotune budget: autotune's margin in dB over
+    the curve's best setting at the same or less work, then measured speedups (autotune's in the header)."""
     rows = autotune_margins(report)
     if not rows:
         return []
     groups = sorted({g for r in rows for g in r["margins"]})
+    head = "| curve | " + " | ".join(f"{r['label']} ({r['ideal']:.2f}×, {r['psnr']:.2f} dB)" for r in rows) + " |"
+    rule = "|---|" + "---|" * len(rows)
     lines = [
         "",
         "autotune against each curve's best PSNR at the same or less work (ideal speedup at least autotune's): "
         "margin in dB (— where no setting of that curve does that little work).",
         "",
-        "| autotune | ideal | PSNR dB | " + " | ".join(groups) + " |",
-        "|---|---|---|" + "---|" * len(groups),
+        head,
+        rule,
     ]
-    for r in rows:
-        cells = ["—" if r["margins"][g] is None else f"{r['margins'][g]['margin']:+.2f}" for g in groups]
-        lines.append(f"| {r['label']} | {r['ideal']:.2f}× | {r['psnr']:.2f} | " + " | ".join(cells) + " |")
+    for g in groups:
+        cells = ["—" if r["margins"][g] is None else f"{r['margins'][g]['margin']:+.2f}" for r in rows]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
     if all(r["measured"] is None for r in rows):
         return lines
     measured = {row["label"]: row["measured_speedup"] for row in report["rows"]}
     lines += [
         "",
-        "Wall time: autotune's measured speedup, and that of each curve's setting in the table above.",
+        "Wall time: measured speedup of autotune (first row) and of each curve's setting compared above.",
         "",
-        "| autotune | measured | " + " | ".join(groups) + " |",
-        "|---|---|" + "---|" * len(groups),
+        "| curve | " + " | ".join(r["label"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+        "| autotune | " + " | ".join(_speedup(r["measured"]) for r in rows) + " |",
     ]
-    for r in rows:
-        cells = [_speedup(None if r["margins"][g] is None else measured.get(r["margins"][g]["label"])) for g in groups]
-        lines.append(f"| {r['label']} | {_speedup(r['measured'])} | " + " | ".join(cells) + " |")
+    for g in groups:
+        cells = [_speedup(None if r["margins"][g] is None else measured.get(r["margins"][g]["label"])) for r in rows]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return lines
 
 
