@@ -204,8 +204,9 @@ class CacheRuntime(Uncopyable):
                 self._warned.add(total)
                 warnings.warn(
                     f"difcache {self.stats.method}: the schedule computes every unit at every step of this "
-                    f"{total}-step run, so nothing is cached (is the warm-up or the interval longer than the run?); "
-                    "lower `warmup`/`interval` or run more steps.",
+                    f"{total}-step run, so nothing is cached (is the warm-up or the interval longer than the run, or "
+                    "did calibration find no step to skip?); lower `warmup`/`interval`, run more steps, or calibrate "
+                    "with a looser threshold.",
                     stacklevel=2,
                 )
         return self._table  # type: ignore[return-value]

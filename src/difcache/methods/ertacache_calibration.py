@@ -5,6 +5,7 @@ of every step of uncached calibration runs."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -163,6 +164,13 @@ def calibrate(config: ERTACacheConfig, layout: Layout, session: CalibrationSessi
             f"ERTACache needs at least 3 steps to reuse any (first and last are computed); got {num_steps}."
         )
     reuse, errors = select_reuse_steps(samples, config.threshold, config.merge, config.warmup, config.cooldown)
+    if not any(reuse):
+        warnings.warn(
+            f"ERTACache: at threshold={config.threshold:g} no step's residual is close enough to the last computed "
+            "one on these calls, so the profile reuses nothing; raise threshold (0.1 reuses about half of 50 "
+            "steps on the bundled models).",
+            stacklevel=2,
+        )
     coefficients = fit_coefficients(samples, reuse)
     plain = [None if c is None else [None] * len(c) for c in coefficients]
     paper = [None if c is None else [None if p is None else to_paper(*p) for p in c] for c in coefficients]
