@@ -1,7 +1,8 @@
 """Engine benchmark (issue: core): hook overhead and TaylorSeer speedups on a not-trivial FLUX transformer.
 
-Prints, measured in one process with interleaved runs (median of --repeats after a warm-up):
-  * hook overhead = uncached time / time with every decision COMPUTE (method "always_compute");
+Prints, measured in one process, each variant's call paired with an uncached call just before it (the median of
+--repeats pair ratios after a warm-up, as ``difcache bench`` times):
+  * hook overhead = time with every decision COMPUTE (method "always_compute") / uncached time - 1;
   * TaylorSeer (N=5, FLUX preset otherwise): measured speedup, ideal (FLOPs) speedup, oracle speedup
     (uncached time minus the measured time of the units it skipped), and engine efficiency = measured / oracle.
 
@@ -17,7 +18,7 @@ import platform
 import torch
 
 import difcache
-from difcache.bench.timing import interleaved_medians, oracle_speedup, time_units
+from difcache.bench.timing import oracle_speedup, paired_speedups, time_units
 from difcache.models.flow_loop import FluxLoop, flux_transformer
 
 
@@ -46,8 +47,9 @@ def main() -> None:
         return lambda: handles[name].remove()
 
     run = lambda: loop(args.steps)  # noqa: E731
-    medians = interleaved_medians(
+    medians, speedups = paired_speedups(
         {"uncached": run, "always_compute": run, "taylorseer": run},
+        "uncached",
         repeats=args.repeats,
         setup={n: setup(n) for n in configs},
         teardown={n: teardown(n) for n in configs},
@@ -60,7 +62,7 @@ def main() -> None:
     unit_times = time_units(units, run, repeats=2)
     skipped = [u.skipped / stats.runs for u in stats.units]
     oracle = oracle_speedup(unit_times, skipped)
-    measured = medians["uncached"] / medians["taylorseer"]
+    measured = speedups["taylorseer"]
     reference = loop(args.steps)
     rel_err = float((reference_cached - reference).norm() / reference.norm())
     result = {
@@ -71,7 +73,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "seconds": medians,
-        "hook_overhead": medians["always_compute"] / medians["uncached"] - 1.0,
+        "hook_overhead": 1.0 / speedups["always_compute"] - 1.0,
         "taylorseer": {
             "config": configs["taylorseer"].to_dict(),
             "measured_speedup": measured,
@@ -84,7 +86,7 @@ def main() -> None:
     ts = result["taylorseer"]
     print(
         f"uncached {medians['uncached']:.3f}s | always_compute {medians['always_compute']:.3f}s | "
-        f"taylorseer {medians['taylorseer']:.3f}s (median of {args.repeats}, interleaved)"
+        f"taylorseer {medians['taylorseer']:.3f}s (medians of {args.repeats}; ratios: medians of paired runs)"
     )
     print(f"hook overhead: {100 * result['hook_overhead']:+.2f}%  (target <= 2%)")
     print(

@@ -158,13 +158,15 @@ class Slot:
     compiled graphs, the same as ``weights`` (a tensor) and ``affine`` (whether it has a per-leaf scale and bias).
     Written by the hook on computed calls (:meth:`keep`): ``fresh``, the unit's output, and ``peak``, a 0-dim
     tensor ``max |output|`` the engine reads later, once per step, to catch non-finite values. The engine stores
-    only the outputs a later forecast will read.
+    only the outputs a later forecast will read, and says so in ``store``: a hook hands an output in only when
+    :meth:`wants` it, so a computed step nothing will forecast from costs no residual, copy or peak.
     """
 
     def __init__(self, unit: int, live: Live) -> None:
         self.unit = unit
         self.live = live
         self.skip = False
+        self.store = True
         self.entries: tuple[Feature, ...] = ()
         self.combination = Combination((1.0,))
         self.weights: torch.Tensor | None = None
@@ -177,6 +179,12 @@ class Slot:
         if torch.compiler.is_compiling():
             return combine_weights(self.entries, self.weights, self.affine)  # type: ignore[arg-type]
         return combine(self.entries, self.combination)
+
+    def wants(self) -> bool:
+        """Whether a computed call's output will be read by a later forecast. Always under ``torch.compile``
+        (``store`` is then never read, so it adds no guard and no graph: a kept output is one more output of
+        the same graph)."""
+        return torch.compiler.is_compiling() or self.store
 
     def keep(self, leaves: Feature) -> None:
         """Hand a computed call's output to the engine, with its peak for the non-finite check."""

@@ -78,6 +78,8 @@ class _ResidualHook(ForwardHook):
             if all(r.shape == x.shape for r, x in zip(residual, inputs, strict=True)):
                 outs = [(x.float() + r).to(x.dtype) for x, r in zip(inputs, residual, strict=True)]
                 return outs[0] if len(outs) == 1 else tuple(outs)
+        if not slot.wants():
+            return self.fn_ref.original_forward(*args, **kwargs)
         # A copy: the block may write into its input tensors.
         before = [x.detach().to(torch.float32, copy=True) for x in inputs]
         output = self.fn_ref.original_forward(*args, **kwargs)

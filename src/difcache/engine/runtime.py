@@ -175,6 +175,7 @@ class CacheRuntime(Uncopyable):
             if not slot.skip:
                 actions[unit] = Action.COMPUTE
             self._kept[unit] = (info.branch, step) if keep[unit] and not slot.skip else None
+            slot.store = self._kept[unit] is not None
         self.live.active = True
         self.current = record
         self._records.append(record)

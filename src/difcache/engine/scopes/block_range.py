@@ -159,7 +159,7 @@ class RangeBlockHook(ForwardHook):
                 new_encoder = (encoder.float() + r_encoder).to(encoder.dtype)
             return streams.pack(new_hidden, new_encoder)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.tail:
+        if self.tail and slot.wants():
             out_hidden, out_encoder = streams.outputs(output)
             in_hidden, in_encoder = shared.inputs
             residual: list[torch.Tensor | None] = [out_hidden.float() - in_hidden.float(), None]

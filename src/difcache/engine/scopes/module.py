@@ -57,7 +57,8 @@ class UnitHook(ForwardHook):
             return rebuild(slot.forecast(), self._spec)
         output = self.fn_ref.original_forward(*args, **kwargs)
         leaves, self._spec = flatten(output)
-        slot.keep(leaves)
+        if slot.wants():
+            slot.keep(leaves)
         return output
 
 

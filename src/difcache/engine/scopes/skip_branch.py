@@ -121,5 +121,6 @@ class _DeepModuleHook(ForwardHook):
             self._meta = (spec, [None if x is None else (x.shape, x.dtype, x.device) for x in leaves])
         elif slot.live.active:
             self._spec = spec
-            slot.keep([None if x is None else x.clone() for x in leaves])
+            if slot.wants():
+                slot.keep([None if x is None else x.clone() for x in leaves])
         return output
