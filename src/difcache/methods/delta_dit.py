@@ -2,7 +2,7 @@
 2406.01125). No official code has been released; this follows the paper.
 
 Δ-Cache caches the *deviation* of a block range, Δ = h_out − h_in, on full steps and adds it to the current
-input on cached steps, so the current input still flows through (:mod:`difcache.engine.range_scope`). The
+input on cached steps, so the current input still flows through (:mod:`difcache.engine.scopes.block_range`). The
 rear ``num_cached_blocks`` blocks are cached in the early stage and the front ones in the late stage,
 switching at ``boundary`` (:class:`~difcache.policies.stage.StageSwitchSchedule`); both are refreshed every
 ``interval`` steps.

@@ -2,7 +2,7 @@
 arXiv 2508.21091, ICLR 2026; code announced at github.com/bytedance/ERTACache, which we could not read).
 
 Scope: the residual of the whole block stack, ``r = h_after_blocks − h_before_blocks`` per stream, as in TeaCache
-(:class:`~difcache.engine.range_scope.BlockRangeScope` over all blocks). The sampler is Euler on a flow-matching
+(:class:`~difcache.engine.scopes.block_range.BlockRangeScope` over all blocks). The sampler is Euler on a flow-matching
 ODE, ``x_{i+1} = x_i + Δσ_i·v_i``; a reused step feeds a velocity built from a stale residual, and the paper splits
 the damage into a *feature-shift* error (the stale residual) and a *step-amplification* error (the step size
 that multiplies it). Three parts answer them:
@@ -11,7 +11,7 @@ that multiplies it). Three parts answer them:
     ``r_i`` of every step. Walking the steps in order with ``c`` the last computed step, step ``i`` is reused iff
     ``‖r_c − r_i‖₁ / ‖r_i‖₁ < λ`` (``threshold``); otherwise it is computed and becomes ``c``. The first
     ``warmup`` and last ``cooldown`` steps are always computed. The result is one fixed set ``S`` for every
-    prompt: at run time the schedule is a table (:class:`~difcache.policies.step_set.StepSetSchedule`), no
+    prompt: at run time the schedule is a table (:class:`~difcache.policies.table.TableSchedule`), no
     tensor is read to decide. Across calibration samples (prompts × CFG branches) the per-sample errors of the
     same pair ``(c, i)`` are merged *before* the decision (``merge="mean"``: the average sample is within λ;
     ``"max"``: every sample is), so the walk is one walk and ``c`` is the same for all samples. Merging

@@ -101,7 +101,7 @@ class _ModelTimeHook(ModelHook):
 
 @dataclass(frozen=True)
 class TimestepAdjustment:
-    """A plan extra (see :mod:`difcache.engine.plan`) that installs part (b) on ``runtime.scheduler``.
+    """A plan extra (see :class:`difcache.core.Plan`) that installs part (b) on ``runtime.scheduler``.
 
     Args:
         reuse: the reuse set, ``reuse[step]``.

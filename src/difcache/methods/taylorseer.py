@@ -16,7 +16,7 @@ defaults — documented as our choice, not the paper's. Deviation: factors are k
 one or two per block, so the cache holds ``order + 1`` tensors per stream instead of ``order + 1`` per module,
 and the forecast's own memory traffic, which on a small model costs more than the hooks (``BENCHMARKS.md``),
 shrinks by the same factor. Deviation: the official code forecasts the output of the final layer; we forecast
-the residual of the whole block stack (output − input, :class:`~difcache.engine.range_scope.BlockRangeScope`),
+the residual of the whole block stack (output − input, :class:`~difcache.engine.scopes.block_range.BlockRangeScope`),
 so each skipped step still adds the *current* patch embedding and runs the final norm with the *current*
 timestep, as this engine's TeaCache, first-block cache and ERTACache do. Both skip every block; ours keeps the
 exact parts exact.
