@@ -160,6 +160,13 @@ def test_pareto_points_keep_finite_psnr_and_draw_identical_outputs_above_them():
     assert pareto_points(rows[1:], "ideal_speedup")[1] is None  # no identical output, nothing to explain
 
 
+def test_a_curve_is_drawn_through_its_frontier():
+    from difcache.bench.run import frontier
+
+    points = [(1.0, 50.0), (2.0, 40.0), (2.0, 45.0), (3.0, 30.0), (2.5, 46.0), (1.5, 44.0)]
+    assert frontier(points) == [(1.0, 50.0), (2.5, 46.0), (3.0, 30.0)]  # each beaten by one faster and better
+
+
 def test_matched_comparison_takes_the_best_difcache_row_at_least_as_fast():
     from difcache.bench.run import markdown_table, matched_comparison
 

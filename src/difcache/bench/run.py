@@ -454,8 +454,18 @@ def pareto_points(rows: list[dict], x: str) -> tuple[dict[str, list[tuple[float,
     return groups, (cap if len(finite) < len(rows) else None)
 
 
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The ``(speedup, PSNR)`` points no other point beats on both, by increasing speedup."""
+    best: list[tuple[float, float]] = []
+    for point in sorted(points, key=lambda p: (-p[0], -p[1])):  # fastest first; keep what beats all faster ones
+        if not best or point[1] > best[-1][1]:
+            best.append(point)
+    return best[::-1]
+
+
 def pareto_plot(report: dict, path: str | Path, x: str = "ideal_speedup") -> None:
-    """Speedup vs PSNR, one curve per method / alternative."""
+    """Speedup vs PSNR: per method / alternative, a line through its best settings (the Pareto frontier) and
+    its other settings as faint markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,9 +475,13 @@ def pareto_plot(report: dict, path: str | Path, x: str = "ideal_speedup") -> Non
     groups, cap = pareto_points(report["rows"], x)
     colours = plt.get_cmap("tab20").colors  # more groups than the default cycle's 10 colours
     for number, (group, points) in enumerate(sorted(groups.items())):
-        points.sort()
-        style = "-o" if group.startswith("difcache") else "--s"
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=group, color=colours[number % 20])
+        colour, marker = colours[number % 20], "o" if group.startswith("difcache") else "s"
+        best = frontier(points)
+        ax.plot([p[0] for p in best], [p[1] for p in best], "-" if marker == "o" else "--", marker=marker,
+                label=group, color=colour)  # fmt: skip
+        dominated = [p for p in points if p not in best]
+        if dominated:  # a swept curve's other settings: there, but not what the curve can do
+            ax.plot([p[0] for p in dominated], [p[1] for p in dominated], marker, color=colour, alpha=0.3, ms=4)
     ax.set_xlabel(x.replace("_", " ") + " (×)")
     ax.set_ylabel("PSNR vs uncached (dB)" if cap is None else f"PSNR vs uncached (dB; identical drawn at {cap:.0f})")
     ax.set_title(f"{report['target']}\nspeed vs fidelity, {report['steps']} steps", fontsize=10)
