@@ -220,6 +220,18 @@ def _partitions(blocks: int) -> list[tuple[str, list[tuple[int, int]]]]:
     return out
 
 
+def range_residual(rec: Recording, first: int, end: int) -> torch.Tensor:
+    """The residual of blocks ``first..end`` as one cached range sees it: the sum of the blocks' residuals per
+    stream (they telescope), the text stream's only where every block of the range returns it (as
+    :class:`~difcache.engine.scopes.block_range.BlockRangeScope` caches it)."""
+    members = range(first, end + 1)
+    parts = [sum(rec.blocks[b] for b in members)]
+    texts = [rec.blocks_text[b] for b in members] if rec.blocks_text else [None]
+    if all(t is not None for t in texts):
+        parts.append(sum(texts))
+    return torch.cat(parts, dim=-1)
+
+
 def candidates(rec: Recording, speedup: float, families: Sequence[str] = FAMILIES) -> list[Candidate]:
     """Every candidate scope and forecaster family with its best schedule at ``speedup`` (module docstring)."""
     out: list[Candidate | None] = []
@@ -230,7 +242,7 @@ def candidates(rec: Recording, speedup: float, families: Sequence[str] = FAMILIE
                                speedup, family, branch=branch))  # fmt: skip
     last = len(rec.blocks) - 1
     for name, ranges in _partitions(len(rec.blocks)) if rec.blocks else ():
-        features = [sum(rec.blocks[b] for b in range(first, end + 1)) for first, end in ranges]
+        features = [range_residual(rec, first, end) for first, end in ranges]
         grams = [gram(f) for f in features]
         work = [sum(rec.flops_blocks[first : end + 1]) for first, end in ranges]
         for family in families:

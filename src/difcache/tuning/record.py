@@ -44,7 +44,10 @@ class Recording:
 
     num_steps: int
     scheduler: str
-    blocks: list[torch.Tensor] = field(default_factory=list)
+    blocks: list[torch.Tensor] = field(default_factory=list)  # each block's residual on the image stream
+    # ... and on the text stream where the block returns one of its input's shape (``None`` elsewhere: SD3's last
+    # block returns no text)
+    blocks_text: list[torch.Tensor | None] = field(default_factory=list)
     units: list[torch.Tensor] = field(default_factory=list)
     deep: dict[int, torch.Tensor] = field(default_factory=dict)
     gains: np.ndarray = field(default_factory=lambda: np.ones(0))
@@ -107,7 +110,8 @@ def record(
     model = layout.model
     samples_per_call = 2  # an upper bound on CFG branches, only for the memory budget
     branches = list(range(len(layout.branches))) if layout.is_unet else []
-    rows = len(layout.blocks) + (len(layout.units) if units else 0) + len(branches)
+    text_rows = 0 if layout.is_unet else sum(bool(Streams.of(b.module).encoder_arg) for b in layout.blocks)
+    rows = len(layout.blocks) + text_rows + (len(layout.units) if units else 0) + len(branches)
     entries = _entries(layout, samples_per_call * len(replay.calls), num_steps, rows)
     store: dict[tuple[str, int], dict[tuple[int, str], dict[int, torch.Tensor]]] = {}
 
@@ -132,6 +136,9 @@ def record(
     rec = Recording(num_steps, type(pipe.scheduler).__name__, outputs=outputs)
     if not layout.is_unet:  # a UNet's transformer blocks are not a residual stack: its scopes are units and branches
         rec.blocks = [_stack(store.get(("block", b), {}), num_steps) for b in range(len(layout.blocks))]
+        rec.blocks_text = [
+            _stack(store[("text", b)], num_steps) if ("text", b) in store else None for b in range(len(layout.blocks))
+        ]
     rec.units = [_stack(store.get(("unit", u), {}), num_steps) for u in range(len(layout.units))] if units else []
     rec.deep = {b: _stack(store.get(("deep", b), {}), num_steps) for b in branches}
     rec.gains = _step_gains(gains, num_steps)
@@ -156,10 +163,9 @@ def _probe_blocks(session: CalibrationSession, layout: Layout, keep: Any) -> Non
                       inputs: dict = inputs) -> None:  # fmt: skip
             hidden_in, encoder_in = inputs.pop((session.call_index, info.branch))
             hidden_out, encoder_out = streams.outputs(output)
-            parts = [(hidden_out.float() - hidden_in.float()).reshape(-1)]
+            keep("block", b, info, session.call_index, (hidden_out.float() - hidden_in.float()).reshape(-1))
             if encoder_out is not None and encoder_in is not None and encoder_out.shape == encoder_in.shape:
-                parts.append((encoder_out.float() - encoder_in.float()).reshape(-1))
-            keep("block", b, info, session.call_index, torch.cat(parts))
+                keep("text", b, info, session.call_index, (encoder_out.float() - encoder_in.float()).reshape(-1))
 
         session.probe_inputs(block.module, on_input)
         session.probe(block.module, on_output)
