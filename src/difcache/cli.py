@@ -81,6 +81,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         overrides=overrides,
         include_unet=not args.no_unet,
+        autotune=args.autotune,
     )
     return 0
 
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--unet-method", default="deepcache", help="method for the UNet (default deepcache)")
     demo.add_argument("--set", default="", help="overrides for --method, e.g. 'interval=4,order=2'")
     demo.add_argument("--steps", type=_positive, default=50)
+    demo.add_argument(
+        "--autotune", type=_above_one, default=None, metavar="SPEEDUP",
+        help="run the profile difcache.autotune fits at this ideal speedup instead of --method",
+    )  # fmt: skip
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--no-unet", action="store_true", help="only the DiT")

@@ -1,12 +1,15 @@
 """``difcache demo``: the bundled DiT (and UNet), uncached and cached on the same seeds, side by side.
 
-Prints the measured speedup (interleaved medians), the ideal (FLOPs) speedup and PSNR/SSIM against the
-uncached images, and writes a PNG per model: uncached on top, cached below, the amplified difference last.
+``difcache demo --autotune 3`` runs, on each model, the profile :func:`difcache.autotune` fits at 3x instead.
+Prints the measured speedup (paired with uncached calls, as ``difcache bench`` times), the ideal (FLOPs) speedup
+and PSNR/SSIM against the uncached images, and writes a PNG per model: uncached on top, cached below, the
+amplified difference last.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from difcache.models import CLASSES, available, load
 from difcache.models.shapes import to_uint8_grid
 
 TIMING_PAIRS = 5
+AUTOTUNE_SECONDS = 75.0  # autotune's time for running candidates, per model (its default)
 SPREAD_LIMIT = 0.25  # (max - min) / median of the pair ratios above which the timing is reported as untrustworthy
 
 
@@ -57,11 +61,11 @@ def _side_by_side(reference: torch.Tensor, cached: torch.Tensor, path: Path, tit
 
 
 def _compare(
-    name: str, pipe: Any, call: Any, method: str, overrides: dict, seeds: list[int], steps: int, out: Path
+    name: str, pipe: Any, call: Any, method: str, apply: Callable[[], Any], seeds: list[int], steps: int, out: Path
 ) -> dict:
     pipe.set_progress_bar_config(leave=False, desc=f"{name}")
     reference = call(pipe, seeds, steps)
-    handle = difcache.apply_cache(pipe, method, **overrides)
+    handle = apply()
     cached = call(pipe, seeds, steps)
     stats = handle.stats()
     handle.remove()
@@ -71,7 +75,7 @@ def _compare(
         {"uncached": lambda: call(pipe, seeds[:1], steps), "cached": lambda: call(pipe, seeds[:1], steps)},
         "uncached",
         repeats=TIMING_PAIRS,
-        setup={"cached": lambda: holder.__setitem__("h", difcache.apply_cache(pipe, method, **overrides))},
+        setup={"cached": lambda: holder.__setitem__("h", apply())},
         teardown={"cached": lambda: holder.pop("h").remove()},
     )
     result = {
@@ -107,6 +111,18 @@ def _compare(
 DEMO_DIT_SETTINGS = {"taylorseer": {"interval": 5, "order": 2, "warmup": 4, "lite": True}}
 
 
+def _applier(name: str, pipe: Any, method: str, settings: dict, autotune: float | None, steps: int):
+    """What caches ``pipe`` for the demo: ``method`` with ``settings``, or a profile that ``difcache.autotune``
+    fits at ``autotune``x on the model's calibration calls (seeds the demo's images do not use)."""
+    if autotune is None:
+        return method, lambda: difcache.apply_cache(pipe, method, **settings)
+    from difcache.bench.targets import calibration_calls
+
+    pipe.set_progress_bar_config(disable=True)
+    profile = difcache.autotune(pipe, autotune, calibration_calls(name, 4), steps, seconds=AUTOTUNE_SECONDS)
+    return f"autotune {autotune:g}x ({profile.data['name']})", lambda: difcache.apply_cache(pipe, profile=profile)
+
+
 def run_demo(
     method: str = "taylorseer",
     unet_method: str = "deepcache",
@@ -115,16 +131,23 @@ def run_demo(
     out: str | Path = "outputs/demo",
     overrides: dict | None = None,
     include_unet: bool = True,
+    autotune: float | None = None,
 ) -> list[dict]:
-    """Run the demo; returns one result dict per model and writes ``demo_<model>.png`` under ``out``."""
+    """Run the demo; returns one result dict per model and writes ``demo_<model>.png`` under ``out``. With
+    ``autotune`` (an ideal speedup), each model runs the profile ``difcache.autotune`` fits instead of a method
+    (about a minute and a half per model on a 2-core CPU)."""
     seeds = list(seeds or [0, 1, 2, 3])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = overrides or DEMO_DIT_SETTINGS.get(method, {})
-    results = [_compare("dit", load("dit"), _dit_call, method, settings, seeds, steps, out_dir)]
+    dit = load("dit")
+    label, apply = _applier("dit", dit, method, settings, autotune, steps)
+    results = [_compare("dit", dit, _dit_call, label, apply, seeds, steps, out_dir)]
     if include_unet:
         if "unet" in available():
-            results.append(_compare("unet", load("unet"), _unet_call, unet_method, {}, seeds, steps, out_dir))
+            unet = load("unet")
+            label, apply = _applier("unet", unet, unet_method, {}, autotune, steps)
+            results.append(_compare("unet", unet, _unet_call, label, apply, seeds, steps, out_dir))
         else:
             print("The bundled UNet is not trained yet (python scripts/train_bundled.py unet): DiT only.")
     written = ", ".join(str(out_dir / f"demo_{r['model']}.png") for r in results)

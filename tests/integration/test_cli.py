@@ -140,6 +140,17 @@ def test_demo_writes_side_by_side_pictures_and_reports(tmp_path, capsys):
         assert (tmp_path / f"demo_{name}.png").stat().st_size > 1000
 
 
+@pytest.mark.skipif(not {"dit", "unet"} <= set(available()), reason="bundled weights missing")
+def test_demo_runs_autotuned_profiles(tmp_path, capsys, monkeypatch):
+    import difcache.demo
+
+    monkeypatch.setattr(difcache.demo, "AUTOTUNE_SECONDS", 0.0)  # the first shortlisted candidate only
+    assert main(["demo", "--steps", "8", "--seeds", "0", "--autotune", "1.5", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("autotune 1.5x (") == 2 and "ideal" in out  # both models ran a tuned profile
+    assert (tmp_path / "demo_unet.png").stat().st_size > 1000
+
+
 def test_structural_settings_get_their_own_pareto_curve():
     from difcache.bench.run import curve_of
 
