@@ -19,6 +19,9 @@ from typing import Any
 from difcache.config import parse_fields
 from difcache.errors import DifcacheError
 
+# difcache.tuning.autotune.SCOPES, spelled out so that `difcache --help` does not import torch (tested equal)
+AUTOTUNE_SCOPES = ("ranges", "modules", "skip_branch")
+
 
 def _parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     """``"taylorseer:interval=4,order=2"`` -> ``("taylorseer", {"interval": 4, "order": 2})``."""
@@ -142,7 +145,8 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
     _check_out(args.out, is_dir=False)
     target = build_target(args.model, steps=args.steps, seeds=(0,))
     profile = difcache.autotune(
-        target.pipe, args.speedup, target.calibration_calls(args.calls), args.steps, seconds=args.seconds
+        target.pipe, args.speedup, target.calibration_calls(args.calls), args.steps, seconds=args.seconds,
+        scopes=args.scopes,
     )
     profile.save(args.out)
     data = profile.data
@@ -240,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--steps", type=_positive, default=50)
     tune.add_argument("--calls", type=_positive, default=4, help="calibration pipeline calls")
     tune.add_argument("--seconds", type=float, default=75.0, help="time for running candidates after recording")
+    tune.add_argument(
+        "--scopes", nargs="+", choices=AUTOTUNE_SCOPES, default=list(AUTOTUNE_SCOPES),
+        help="scopes to search; 'ranges' (or 'skip_branch' on a UNet) alone favours wall time on small models",
+    )  # fmt: skip
     tune.add_argument("--out", required=True, help="profile JSON; the figure goes beside it as .png")
     tune.set_defaults(fn=_cmd_autotune)
 

@@ -229,3 +229,17 @@ def test_proxy_tracking_is_spearman_per_scope_with_lower_proxy_better():
     table += [row("skip_branch", 1.0, 30.0), row("skip_branch", 2.0, 29.0)]  # too few to say
     tracking = proxy_tracking(table)
     assert tracking == pytest.approx({"ranges": 1.0, "modules": -1.0})
+
+
+def test_scopes_restrict_the_search_and_are_checked():
+    from difcache.cli import AUTOTUNE_SCOPES
+    from difcache.tuning.autotune import SCOPES
+
+    assert AUTOTUNE_SCOPES == SCOPES
+    pipe = tiny_pipeline("dit")
+    profile = _tune(pipe, "dit", speedup=1.5, families=["taylor"], scopes=("ranges",), seconds=0)
+    assert {c["scope"] for c in profile.data["candidates"]} == {"ranges"}
+    with pytest.raises(DifcacheError, match="scopes must be among"):
+        _tune(pipe, "dit", speedup=1.5, scopes=("stack",))
+    with pytest.raises(DifcacheError, match="None of the scopes \\['skip_branch'\\] applies to DiTTransformer2DModel"):
+        _tune(pipe, "dit", speedup=1.5, scopes=("skip_branch",))

@@ -52,6 +52,7 @@ from difcache.tuning.search import (
 )
 from difcache.version import __version__
 
+SCOPES = ("ranges", "modules", "skip_branch")  # what a candidate caches (see autotune's ``scopes``)
 TOLERANCE = 0.025  # how far above the asked speedup a profile's ideal speedup may be
 REFINED = 2  # candidates the hill climb starts from
 
@@ -346,6 +347,7 @@ def autotune(
     *,
     apply: Callable[..., Any],
     families: Sequence[str] = FAMILIES,
+    scopes: Sequence[str] = SCOPES,
     seconds: float = 75.0,
     progress: bool = True,
 ) -> Profile:
@@ -359,6 +361,11 @@ def autotune(
         num_inference_steps: the step count the profile is for (another count is refused when applied).
         apply: ``difcache.apply_cache`` (passed in by the public verb; the candidates run through it).
         families: the forecaster families to search (``difcache.tuning.search.FAMILIES``).
+        scopes: the scopes to search (:data:`SCOPES`): ``"ranges"`` (the block stack, first block + rest, halves,
+            every block), ``"modules"`` (every attention/FFN unit) and ``"skip_branch"`` (a UNet's deep path).
+            autotune chooses by fidelity at a FLOPs budget; a fine scope pays more hook overhead per FLOP saved,
+            so where wall time matters more on a small model, ``scopes=("ranges",)`` (or ``("skip_branch",)``)
+            keeps to the coarse ones, and skips recording the modules.
         seconds: time for running candidates after the recording: the shortlist in :data:`PRIORITY` order (at
             least one candidate always runs), then the hill climb on the best two until the time is up (0: no
             hill climb). A faster machine runs more of the shortlist and climbs further.
@@ -376,6 +383,8 @@ def autotune(
     bad = sorted(set(families) - set(FAMILIES))
     if bad or not families:
         raise DifcacheError(f"autotune's families must be among {list(FAMILIES)}, got {list(families)}.")
+    if isinstance(scopes, str) or not scopes or set(scopes) - set(SCOPES):
+        raise DifcacheError(f"autotune's scopes must be among {list(SCOPES)}, got {scopes!r}.")
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
         raise DifcacheError(f"autotune's seconds must be a number >= 0, got {seconds!r}.")
     check_calibration_call(pipe, call_kwargs, num_inference_steps)
@@ -383,9 +392,14 @@ def autotune(
     if source is None:
         raise DifcacheError("autotune needs the pipeline (its scheduler and outputs), not a bare denoiser module.")
     layout = layout_of(model)
+    usable = {"skip_branch", "modules"} if layout.is_unet else {"ranges", "modules"}
+    if not usable & set(scopes):
+        raise DifcacheError(
+            f"None of the scopes {list(scopes)} applies to {type(model).__name__}; it has {sorted(usable)}."
+        )
     replay = Replay(call_kwargs)
-    rec = record(pipe, layout, replay, num_inference_steps, progress=progress)
-    found = candidates(rec, speedup, families)
+    rec = record(pipe, layout, replay, num_inference_steps, units="modules" in scopes, progress=progress)
+    found = [c for c in candidates(rec, speedup, families) if c.scope in scopes]
     if not found:
         raise DifcacheError(
             f"No schedule of {num_inference_steps} steps reaches {speedup}x on this model (the parts difcache can "
