@@ -144,7 +144,8 @@ def autotune_variant(speedup: float, calls: int = 4, **options: Any) -> Callable
                 profiles.append(profile)
             return difcache.apply_cache(target.pipe, profile=profiles[0]).remove
 
-        return Variant(f"autotune {speedup:g}x", "difcache:autotune", apply, setting)
+        scopes = f" ({', '.join(options['scopes'])})" if "scopes" in options else ""
+        return Variant(f"autotune {speedup:g}x{scopes}", "difcache:autotune", apply, setting)
 
     return make
 
