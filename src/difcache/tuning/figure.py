@@ -51,6 +51,10 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
     ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xlabel("step (dark: computed)")
     ax.set_ylabel("unit")
+    ticks = list(range(0, len(units), max(1, len(units) // 8)))  # whole units, at most ~8 labels
+    ax.set_yticks(ticks)
+    if data.get("ranges"):  # block ranges read better as their blocks
+        ax.set_yticklabels([_range_label(*data["ranges"][t]) for t in ticks])
     ax.set_xlim(-0.5, steps - 0.5)
 
     ax = axes[2]
@@ -71,3 +75,7 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _range_label(first: int, last: int) -> str:
+    return f"block {first}" if first == last else f"blocks {first}-{last}"
