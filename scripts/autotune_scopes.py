@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from difcache.bench.run import autotune_variant, run_bench
+from difcache.bench.run import autotune_variant, markdown_rows, run_bench
 from difcache.bench.targets import build_target
 
 COARSE = {"dit": ("ranges",), "video": ("ranges",), "unet": ("skip_branch",)}
@@ -36,15 +36,15 @@ def main() -> None:
         makers += [autotune_variant(speedup), autotune_variant(speedup, scopes=coarse)]
     report = run_bench(target, makers, repeats=args.repeats, progress=print)
     print(f"\n{report['target']}, {args.steps} steps, held-out seeds 0 and 1, {args.repeats} timed pairs")
-    print("| asked | scopes | chosen | ideal | measured | PSNR dB |\n|---|---|---|---|---|---|")
+    cells = []
     for row in report["rows"]:
         setting = row["setting"]
-        scopes = ", ".join(setting.get("scopes", ("all",)))
-        if row["status"] != "ok":
-            print(f"| {setting['speedup']:g}× | {scopes} | {row['status']} | | | |")
-            continue
-        print(f"| {setting['speedup']:g}× | {scopes} | {setting['chosen']} | {row['ideal_speedup']:.2f}× | "
-              f"{row['measured_speedup']:.2f}× | {row['psnr']:.2f} |")  # fmt: skip
+        head = [f"{setting['speedup']:g}×", ", ".join(setting.get("scopes", ("all",)))]
+        measured = "—" if row["measured_speedup"] is None else f"{row['measured_speedup']:.2f}×"
+        cells.append([*head, row["status"]] if row["status"] != "ok" else [
+            *head, setting["chosen"], f"{row['ideal_speedup']:.2f}×", measured, f"{row['psnr']:.2f}",
+        ])  # fmt: skip
+    print(markdown_rows(["asked", "scopes", "chosen", "ideal", "measured", "PSNR dB"], cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

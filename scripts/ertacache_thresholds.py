@@ -16,7 +16,7 @@ import json
 import torch
 
 import difcache
-from difcache.bench.run import BenchTarget, Variant, run_bench
+from difcache.bench.run import BenchTarget, Variant, markdown_rows, run_bench
 from difcache.bench.targets import build_target
 
 GRID = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.6)
@@ -64,13 +64,14 @@ def main() -> None:
         ]  # fmt: skip
         results[name] = {"target": report["target"], "steps": args.steps, "rows": rows}
         print(f"\n{report['target']}, {args.steps} steps, held-out seeds 0 and 1")
-        print("| λ | reused steps | ideal speedup | PSNR (dB) | SSIM |\n|---|---|---|---|---|")
-        for r in rows:
-            if r["status"] != "ok":
-                print(f"| {r['threshold']:g} | {r['status']} | | | |")
-                continue
-            print(f"| {r['threshold']:g} | {r['reused_steps']} | {r['ideal_speedup']:.2f}x | {r['psnr']:.2f} | "
-                  f"{r['ssim']:.4f} |")  # fmt: skip
+        cells = [
+            [f"{r['threshold']:g}", r["status"]] if r["status"] != "ok" else [
+                f"{r['threshold']:g}", str(r["reused_steps"]), f"{r['ideal_speedup']:.2f}x", f"{r['psnr']:.2f}",
+                f"{r['ssim']:.4f}",
+            ]
+            for r in rows
+        ]  # fmt: skip
+        print(markdown_rows(["λ", "reused steps", "ideal speedup", "PSNR (dB)", "SSIM"], cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

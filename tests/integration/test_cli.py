@@ -171,6 +171,12 @@ def test_pareto_points_keep_finite_psnr_and_draw_identical_outputs_above_them():
     assert pareto_points(rows[1:], "ideal_speedup")[1] is None  # no identical output, nothing to explain
 
 
+def test_markdown_rows_pads_short_rows():
+    from difcache.bench.run import markdown_rows
+
+    assert markdown_rows(["a", "b"], [["1"], ["2", "3"]]) == "| a | b |\n|---|---|\n| 1 |  |\n| 2 | 3 |"
+
+
 def test_a_curve_is_drawn_through_its_frontier():
     from difcache.bench.run import frontier
 

@@ -438,6 +438,13 @@ def _margins_table(report: dict) -> list[str]:
     return lines
 
 
+def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of ``header`` and ``rows`` (cells already formatted; short rows are padded)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([*row, *[""] * (len(header) - len(row))]) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _speedup(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
