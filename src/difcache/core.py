@@ -158,15 +158,16 @@ class Slot:
     compiled graphs, the same as ``weights`` (a tensor) and ``affine`` (whether it has a per-leaf scale and bias).
     Written by the hook on computed calls (:meth:`keep`): ``fresh``, the unit's output, and ``peak``, a 0-dim
     tensor ``max |output|`` the engine reads later, once per step, to catch non-finite values. The engine stores
-    only the outputs a later forecast will read, and says so in ``store``: a hook hands an output in only when
-    :meth:`wants` it, so a computed step nothing will forecast from costs no residual, copy or peak.
+    only the outputs a later forecast will read, and says where in ``keep_as`` (``(branch, step)``, or ``None``):
+    a hook hands an output in only when :meth:`wants` it, so a computed step nothing will forecast from costs no
+    residual, copy or peak.
     """
 
     def __init__(self, unit: int, live: Live) -> None:
         self.unit = unit
         self.live = live
         self.skip = False
-        self.store = True
+        self.keep_as: tuple[str, int] | None = None
         self.entries: tuple[Feature, ...] = ()
         self.combination = Combination((1.0,))
         self.weights: torch.Tensor | None = None
@@ -182,9 +183,9 @@ class Slot:
 
     def wants(self) -> bool:
         """Whether a computed call's output will be read by a later forecast. Always under ``torch.compile``
-        (``store`` is then never read, so it adds no guard and no graph: a kept output is one more output of
-        the same graph)."""
-        return torch.compiler.is_compiling() or self.store
+        (``keep_as`` is then never read, so it adds no guard and no graph: a kept output is one more output of
+        the same graph; the engine drops it afterwards if ``keep_as`` is ``None``)."""
+        return torch.compiler.is_compiling() or self.keep_as is not None
 
     def keep(self, leaves: Feature) -> None:
         """Hand a computed call's output to the engine, with its peak for the non-finite check."""

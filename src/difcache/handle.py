@@ -8,6 +8,7 @@ copied (a copy would share the model's hooks). A subclass says what it is and ho
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
@@ -24,7 +25,7 @@ class Runtime(Protocol):
 RuntimeT = TypeVar("RuntimeT", bound=Runtime)
 
 
-class Handle(Uncopyable, Generic[RuntimeT]):
+class Handle(Uncopyable, ABC, Generic[RuntimeT]):
     """Owns one runtime installed on ``model`` with ``config``; subclasses set the class attributes below."""
 
     kind: ClassVar[str]  # what is applied, for messages: "cache", "sparse attention"
@@ -79,15 +80,17 @@ class Handle(Uncopyable, Generic[RuntimeT]):
         return self._runtime
 
     # ------------------------------------------------------------------ what a subclass defines
+    @abstractmethod
     def _read_stats(self, runtime: RuntimeT) -> Any:
-        raise NotImplementedError
+        """The runtime's counts, as ``stats()`` returns them."""
 
+    @abstractmethod
     def _release(self, runtime: RuntimeT) -> None:
-        raise NotImplementedError
+        """Undo everything ``runtime`` installed on the model."""
 
+    @abstractmethod
     def _describe(self) -> str:
         """What the repr shows between the config and the state, e.g. ``"12 units"``."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ protocol
     def __enter__(self) -> Handle[RuntimeT]:

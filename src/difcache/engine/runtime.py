@@ -106,7 +106,6 @@ class CacheRuntime(Uncopyable):
         self.current: CallRecord | None = None
         self._records: list[CallRecord] = []
         # (branch, step) under which each unit's next handed-in output is stored; None: a later forecast won't read it
-        self._kept: list[tuple[str, int] | None] = [None] * len(units)
         self._unresolved: list[Entry] = []
         self._table: list[list[Action]] | None = None
         self._table_key: tuple | None = None
@@ -174,8 +173,7 @@ class CacheRuntime(Uncopyable):
             slot.skip = action != Action.COMPUTE and self._arm_skip(slot, info.branch, step)
             if not slot.skip:
                 actions[unit] = Action.COMPUTE
-            self._kept[unit] = (info.branch, step) if keep[unit] and not slot.skip else None
-            slot.store = self._kept[unit] is not None
+            slot.keep_as = (info.branch, step) if keep[unit] and not slot.skip else None
         self.live.active = True
         self.current = record
         self._records.append(record)
@@ -279,7 +277,7 @@ class CacheRuntime(Uncopyable):
         if action != Action.COMPUTE and self._arm_skip(slot, info.branch, info.step - info.start):
             slot.skip = True
             record.actions[unit] = action
-            self._kept[unit] = None
+            slot.keep_as = None
 
     # ------------------------------------------------------------------ after calls
     def measured_call(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -302,14 +300,13 @@ class CacheRuntime(Uncopyable):
         for unit, slot in enumerate(self.slots):
             if slot.fresh is None:
                 continue
-            kept = self._kept[unit]
-            if kept is not None:
-                entry = Entry(slot.fresh, kept[1], slot.peak)
-                self.store.push(kept[0], unit, entry)
+            if slot.keep_as is not None:
+                branch, step = slot.keep_as
+                entry = Entry(slot.fresh, step, slot.peak)
+                self.store.push(branch, unit, entry)
                 if isinstance(entry.peak, torch.Tensor):
                     self._unresolved.append(entry)
-            slot.fresh = slot.peak = None
-            self._kept[unit] = None
+            slot.fresh = slot.peak = slot.keep_as = None
         if self._unresolved:
             _resolve_peaks(self._unresolved)
             self._unresolved.clear()

@@ -457,7 +457,6 @@ class StepTracker(Uncopyable):
         return float(value)
 
 
-
 def _num_steps(scheduler: Any) -> int | None:
     timesteps = getattr(scheduler, "timesteps", None)
     return None if timesteps is None else len(timesteps)
