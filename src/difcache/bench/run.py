@@ -408,34 +408,28 @@ def _margins_table(report: dict) -> list[str]:
     if not rows:
         return []
     groups = sorted({g for r in rows for g in r["margins"]})
-    head = "| curve | " + " | ".join(f"{r['label']} ({r['ideal']:.2f}×, {r['psnr']:.2f} dB)" for r in rows) + " |"
-    rule = "|---|" + "---|" * len(rows)
+    head = ["curve", *(f"{r['label']} ({r['ideal']:.2f}×, {r['psnr']:.2f} dB)" for r in rows)]
+    margins = [[g, *("—" if r["margins"][g] is None else f"{r['margins'][g]['margin']:+.2f}" for r in rows)]
+               for g in groups]  # fmt: skip
     lines = [
         "",
         "autotune against each curve's best PSNR at the same or less work (ideal speedup at least autotune's): "
         "margin in dB (— where no setting of that curve does that little work).",
         "",
-        head,
-        rule,
+        markdown_rows(head, margins),
     ]
-    for g in groups:
-        cells = ["—" if r["margins"][g] is None else f"{r['margins'][g]['margin']:+.2f}" for r in rows]
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
     if all(r["measured"] is None for r in rows):
         return lines
     measured = {row["label"]: row["measured_speedup"] for row in report["rows"]}
-    lines += [
+    speeds = [["autotune", *(_speedup(r["measured"]) for r in rows)]]
+    speeds += [[g, *(_speedup(None if r["margins"][g] is None else measured.get(r["margins"][g]["label"]))
+                     for r in rows)] for g in groups]  # fmt: skip
+    return lines + [
         "",
         "Wall time: measured speedup of autotune (first row) and of each curve's setting compared above.",
         "",
-        "| curve | " + " | ".join(r["label"] for r in rows) + " |",
-        "|---|" + "---|" * len(rows),
-        "| autotune | " + " | ".join(_speedup(r["measured"]) for r in rows) + " |",
+        markdown_rows(["curve", *(r["label"] for r in rows)], speeds),
     ]
-    for g in groups:
-        cells = [_speedup(None if r["margins"][g] is None else measured.get(r["margins"][g]["label"])) for r in rows]
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
